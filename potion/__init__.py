@@ -1,0 +1,11 @@
+"""potion: train a small GPT on your own text, sample from it, and look inside."""
+
+from .checkpoint import load
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .errors import PotionError
+from .generate import SamplingConfig, generate_text
+from .model import GPT
+
+__all__ = ["GPT", "DataConfig", "ModelConfig", "PotionError", "RunConfig", "SamplingConfig", "TrainConfig",
+           "generate_text", "load"]
+__version__ = "0.1.0"

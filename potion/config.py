@@ -1,0 +1,278 @@
+"""Configuration: frozen dataclasses, TOML presets, and KEY=VALUE overrides.
+
+Every number a user may want to change is a field here, with the same name in a TOML file
+(`[model] n_layer = 6`), on the command line (`--set n_layer=6` or `--set model.n_layer=6`) and in Python
+(`ModelConfig(n_layer=6)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import PotionError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of the network. Defaults are GPT-2 small's (124M parameters)."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in the linear layers and norms
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    positions: str = "learned"  # learned | rope
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp_activation: str = "gelu"  # gelu | relu2
+    mlp_ratio: int = 4  # feed-forward width = mlp_ratio * n_embd
+    qk_norm: bool = False  # normalise queries and keys per head before the dot product
+    zero_init_proj: bool = False  # output projections of attention and MLP start at zero
+    zero_init_head: bool = False  # an untied output head that starts at zero
+    logit_softcap: float = 0.0  # 0 = off; else logits = cap * tanh(logits / cap)
+
+    def __post_init__(self):
+        _check_choice("positions", self.positions, ("learned", "rope"))
+        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _check_choice("mlp_activation", self.mlp_activation, ("gelu", "relu2"))
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise PotionError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise PotionError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise PotionError("rope needs an even head size (n_embd / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PotionError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.zero_init_head and self.tie_embeddings:
+            raise PotionError("model.zero_init_head needs tie_embeddings = false (a tied head is the embedding)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    data: str = "pydocs"  # a file, a directory, a glob, or a built-in name: pydocs | shakespeare
+    tokenizer: str = "char"  # char | bpe
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.1  # the last part of the token stream is the validation split
+
+    def __post_init__(self):
+        _check_choice("tokenizer", self.tokenizer, ("char", "bpe"))
+        if not 0.0 < self.val_fraction < 1.0:
+            raise PotionError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.bpe_vocab_size < 260:
+            raise PotionError(f"data.bpe_vocab_size must be at least 260 (256 bytes + merges), got {self.bpe_vocab_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How training runs: batch, schedule, optimizer, evaluation and checkpoints."""
+
+    batch_size: int = 32
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000
+    max_time: float = 0.0  # seconds of wall clock; 0 = no limit
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay)
+    decay_fraction: float = 0.2  # wsd only: the last part of training that decays
+    weight_decay: float = 0.1  # applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping
+    optimizer: str = "adamw"  # adamw | muon (muon for hidden matrices, adamw for the rest)
+    muon_lr: float = 0.02
+    eval_every: int = 250
+    eval_batches: int = 20
+    checkpoint_every: int = 0  # 0 = at every evaluation
+    keep_checkpoints: int = 2
+    sample_tokens: int = 200  # length of the sample printed at each evaluation; 0 = none
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | bf16 | fp32
+    compile: str = "off"  # auto | on | off
+
+    def __post_init__(self):
+        _check_choice("schedule", self.schedule, ("cosine", "wsd"))
+        _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        _check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
+        _check_choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
+        _check_choice("compile", self.compile, ("auto", "on", "off"))
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise PotionError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "checkpoint_every", "sample_tokens", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise PotionError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise PotionError(f"train.learning_rate must be positive, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; written to the run directory as config.json."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
+        unknown = set(d) - set(SECTIONS)
+        if unknown:
+            raise PotionError(f"{source}: unknown section(s) {sorted(unknown)}; expected {list(SECTIONS)}")
+        parts = {}
+        for name, klass in SECTIONS.items():
+            parts[name] = _build(klass, d.get(name, {}), f"{source} [{name}]")
+        return cls(**parts)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PotionError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _build(klass, values: dict, source: str):
+    known = {f.name: f for f in fields(klass)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise PotionError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known keys: {', '.join(known)}")
+    checked = {k: _coerce(v, known[k], f"{source} {k}") for k, v in values.items()}
+    return klass(**checked)
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Check a TOML/JSON value against the field's type (ints are accepted where floats are expected)."""
+    want = _TYPES[f.type] if isinstance(f.type, str) else f.type
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is not bool and isinstance(value, bool) or not isinstance(value, want):
+        raise PotionError(f"{where}: expected {want.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse_text_value(text: str, f: dataclasses.Field, where: str) -> Any:
+    """Turn the VALUE of --set KEY=VALUE into the field's type."""
+    want = _TYPES[f.type] if isinstance(f.type, str) else f.type
+    try:
+        if want is bool:
+            lowered = text.strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if want is int:
+            return int(text.replace("_", ""))
+        if want is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise PotionError(f"{where}: {text!r} is not a valid {want.__name__}") from None
+
+
+def find_field(key: str) -> tuple[str, dataclasses.Field]:
+    """Resolve 'n_layer' or 'model.n_layer' to (section, field)."""
+    if "." in key:
+        section, name = key.split(".", 1)
+        klass = SECTIONS.get(section)
+        if klass is None:
+            raise PotionError(f"unknown config section {section!r} in {key!r}; sections: {', '.join(SECTIONS)}")
+        matches = [(section, f) for f in fields(klass) if f.name == name]
+    else:
+        matches = [(s, f) for s, klass in SECTIONS.items() for f in fields(klass) if f.name == key]
+    if not matches:
+        raise PotionError(f"unknown config key {key!r}; see `potion presets` or config.json of a run for the keys")
+    if len(matches) > 1:
+        raise PotionError(f"config key {key!r} is ambiguous; write it as " + " or ".join(f"{s}.{key}" for s, _ in matches))
+    return matches[0]
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply --set KEY=VALUE strings, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise PotionError(f"--set expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        section, f = find_field(key.strip())
+        value = _parse_text_value(text, f, f"--set {key.strip()}")
+        config = replace(config, **{section: replace(getattr(config, section), **{f.name: value})})
+    return config
+
+
+def merge(config: RunConfig, d: dict, source: str) -> RunConfig:
+    """Overlay a partial {section: {key: value}} dict (from a TOML file) on a config."""
+    unknown = set(d) - set(SECTIONS)
+    if unknown:
+        raise PotionError(f"{source}: unknown section(s) {sorted(unknown)}; expected {list(SECTIONS)}")
+    for section, values in d.items():
+        if not isinstance(values, dict):
+            raise PotionError(f"{source}: [{section}] must be a table of key = value lines")
+        current = dataclasses.asdict(getattr(config, section))
+        current.update(values)
+        config = replace(config, **{section: _build(SECTIONS[section], current, f"{source} [{section}]")})
+    return config
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("potion") / "presets"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> RunConfig:
+    path = resources.files("potion") / "presets" / f"{name}.toml"
+    if not path.is_file():
+        raise PotionError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
+    return merge(RunConfig(), tomllib.loads(path.read_text(encoding="utf-8")), f"preset {name}")
+
+
+def load_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise PotionError(f"config file '{p}' does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PotionError(f"config file '{p}' is not valid TOML: {e}") from None
+
+
+def resolve(preset: str | None = "tiny", config_file: str | None = None, overrides: list[str] = (),
+            base: RunConfig | None = None) -> RunConfig:
+    """A preset (or a base config), then a TOML file, then --set overrides: later ones win."""
+    config = load_preset(preset) if preset or base is None else base
+    if config_file:
+        config = merge(config, load_toml(config_file), f"config file '{config_file}'")
+    return apply_overrides(config, list(overrides))
+
+
+def save_json(config: RunConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,269 @@
+"""DATA -> documents -> token file (numpy memmap, cached) -> train/validation splits -> batches.
+
+A corpus is a list of text files; each file is a document, and documents are joined with the end-of-text
+token. Files are read and tokenized in blocks, so a corpus of several GB needs bounded memory. The token file
+is cached under a key made of the corpus bytes and the tokenizer, so a second run skips tokenizing.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob as globlib
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import DataConfig
+from .corpora import BUILTIN, builtin_path, cache_root
+from .errors import PotionError
+from .tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json, train_tokenizer
+
+BLOCK_BYTES = 4 << 20  # read and tokenize 4 MB at a time
+PARALLEL_BYTES = 16 << 20  # below this a worker pool costs more than it saves
+
+
+# ---------------------------------------------------------------- finding and reading the text
+
+
+def find_files(spec: str) -> list[Path]:
+    """A file, a directory (its files, recursively), a glob, or a built-in corpus name."""
+    if spec in BUILTIN and not Path(spec).exists():
+        spec = str(builtin_path(spec))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        if not files:
+            raise PotionError(f"data directory '{spec}' has no files")
+        return files
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        if not files:
+            raise PotionError(f"data glob '{spec}' matches no files")
+        return files
+    raise PotionError(f"data '{spec}' is not a file, a directory, a glob or a built-in corpus ({', '.join(BUILTIN)})")
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
+    """Decode a UTF-8 file block by block; a NUL byte or invalid UTF-8 is an error naming the byte offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file handed to the decoder so far
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(block_bytes)
+            final = not raw
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                raise PotionError(f"'{path}' looks like a binary file (a NUL byte at byte offset {offset + nul}); potion trains on text")
+            try:
+                text = decoder.decode(raw, final=final)
+            except UnicodeDecodeError as e:
+                pending = len(decoder.getstate()[0]) if not final else 0
+                bad = offset - pending + e.start
+                raise PotionError(f"'{path}' is not valid UTF-8 at byte offset {max(bad, 0)}; convert it to UTF-8 first") from None
+            offset += len(raw)
+            if text:
+                yield text
+            if final:
+                return
+
+
+def check_not_empty(files: list[Path]) -> list[Path]:
+    nonempty = [p for p in files if p.stat().st_size > 0]
+    if not nonempty:
+        raise PotionError(f"data file '{files[0]}' is empty" if len(files) == 1 else f"all {len(files)} data files are empty")
+    return nonempty
+
+
+def corpus_key(files: list[Path]) -> str:
+    """sha256 over every file's bytes (and its position in the list): the cache key of the corpus."""
+    h = hashlib.sha256()
+    for i, p in enumerate(files):
+        h.update(f"{i}:{p.stat().st_size}:".encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_documents_blocks(files: list[Path]) -> Iterator[str]:
+    for p in files:
+        yield from read_blocks(p)
+
+
+# ---------------------------------------------------------------- tokenizing into a cached token file
+
+
+@dataclass
+class TokenFile:
+    """All tokens of a corpus, documents separated by end-of-text, as a read-only memmap."""
+
+    tokens: np.ndarray
+    tokenizer: Tokenizer
+    folder: Path
+    files: list[str]
+
+    def split(self, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        n_val = int(len(self.tokens) * val_fraction)
+        return self.tokens[: len(self.tokens) - n_val], self.tokens[len(self.tokens) - n_val :]
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def prepare(config: DataConfig, tokenizer: Tokenizer | None = None, data: str | None = None, quiet: bool = False) -> TokenFile:
+    """Tokenize the corpus (or reuse the cached tokens). Without a tokenizer, one is trained on the corpus."""
+    files = check_not_empty(find_files(data or config.data))
+    key = corpus_key(files)
+    if tokenizer is None:
+        tok_key = f"{config.tokenizer}{config.bpe_vocab_size if config.tokenizer == 'bpe' else ''}"
+    else:
+        tok_key = hashlib.sha256(tokenizer.to_json().encode()).hexdigest()[:16]
+    folder = cache_root() / "tokens" / f"{key[:24]}-{tok_key}"
+    if (folder / "meta.json").is_file():
+        try:
+            return _open_token_file(folder, tokenizer)
+        except (OSError, ValueError, KeyError, PotionError):
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged cache is rebuilt, never trusted
+
+    if tokenizer is None:
+        if not quiet:
+            print(f"potion: training a {config.tokenizer} tokenizer on {len(files)} file(s)", file=sys.stderr)
+        tokenizer = train_tokenizer(config.tokenizer, lambda: iter_documents_blocks(files), config.bpe_vocab_size)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n_tokens = _tokenize_to_file(files, tokenizer, tmp / "tokens.bin", quiet)
+    save_tokenizer(tokenizer, tmp / "tokenizer.json")
+    meta = {"n_tokens": n_tokens, "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name, "files": [str(p) for p in files]}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process wrote the same cache entry first; use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _open_token_file(folder, tokenizer)
+
+
+def _open_token_file(folder: Path, tokenizer: Tokenizer | None) -> TokenFile:
+    meta = json.loads((folder / "meta.json").read_text())
+    tokenizer = tokenizer or load_tokenizer(folder / "tokenizer.json")
+    dtype = np.dtype(meta["dtype"])
+    if (folder / "tokens.bin").stat().st_size != meta["n_tokens"] * dtype.itemsize:
+        raise ValueError("token file size does not match its metadata")
+    tokens = np.memmap(folder / "tokens.bin", dtype=dtype, mode="r", shape=(meta["n_tokens"],))
+    return TokenFile(tokens, tokenizer, folder, meta["files"])
+
+
+def _work_items(files: list[Path]) -> Iterator[tuple[str, str, bool]]:
+    """(text, source, ends_document) in blocks of about BLOCK_BYTES, cut at a line or space where possible."""
+    for p in files:
+        carry = ""
+        for block in read_blocks(p):
+            text = carry + block
+            cut = max(text.rfind("\n"), text.rfind(" "))
+            if cut <= 0:
+                cut = len(text) - 1
+            carry = text[cut + 1 :]
+            yield text[: cut + 1], str(p), False
+        yield carry, str(p), True
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_json: str):
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer_from_json(tokenizer_json)
+
+
+def _encode_item(item: tuple[str, str, bool]) -> tuple[np.ndarray, int]:
+    text, source, ends_document = item
+    ids = _worker_tokenizer.encode_array(text, source)
+    if ends_document:
+        ids = np.append(ids, _worker_tokenizer.eot_id)
+    return ids.astype(token_dtype(_worker_tokenizer.vocab_size)), len(text.encode("utf-8"))
+
+
+def _tokenize_to_file(files: list[Path], tokenizer: Tokenizer, out: Path, quiet: bool) -> int:
+    total_bytes = sum(p.stat().st_size for p in files)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or total_bytes < PARALLEL_BYTES)
+    n = 0
+    workers = min(os.cpu_count() or 1, 8)
+    with open(out, "wb") as f:
+        if total_bytes < PARALLEL_BYTES or workers == 1:
+            global _worker_tokenizer
+            _worker_tokenizer = tokenizer
+            results = map(_encode_item, _work_items(files))
+            pool = None
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fork would copy a torch runtime with live threads
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.to_json(),))
+            results = pool.imap(_encode_item, _work_items(files), chunksize=1)
+        try:
+            for ids, n_bytes in results:
+                ids.tofile(f)
+                n += len(ids)
+                bar.update(n_bytes)
+        finally:
+            if pool is not None:
+                pool.terminate()
+            bar.close()
+    return n
+
+
+# ---------------------------------------------------------------- batches
+
+
+class Batches:
+    """Random windows of context_length + 1 tokens; the order is a seeded generator whose state can be saved."""
+
+    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int, split: str = "train"):
+        if len(tokens) < context_length + 2:
+            raise PotionError(
+                f"the {split} split has {len(tokens)} tokens; a context of {context_length} needs at least "
+                f"{context_length + 2}. Use more text or a smaller context (--set context_length=...)"
+            )
+        self.windows = np.lib.stride_tricks.sliding_window_view(tokens, context_length + 1)
+        self.batch_size = batch_size
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.windows[self.rng.integers(0, len(self.windows), size=self.batch_size)]  # (B, T+1), one gather
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def fixed_batches(tokens: np.ndarray, context_length: int, batch_size: int, count: int, seed: int, split: str):
+    """The same `count` batches every time: evaluation compares like with like across steps."""
+    source = Batches(tokens, context_length, batch_size, seed, split)
+    return [source.next() for _ in range(count)]
+
+
+def sequential_windows(tokens: np.ndarray, context_length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Non-overlapping windows covering the tokens, for a full evaluation pass."""
+    for start in range(0, len(tokens) - 1, context_length):
+        chunk = np.asarray(tokens[start : start + context_length + 1], dtype=np.int64)
+        if len(chunk) >= 2:
+            yield chunk[:-1], chunk[1:]

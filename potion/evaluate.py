@@ -1,0 +1,51 @@
+"""Loss, perplexity and bits per byte of a model on a stream of tokens."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import sequential_windows
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, tokens: np.ndarray, batch_size: int = 16, quiet: bool = False) -> dict:
+    """Mean next-token loss over non-overlapping context windows covering `tokens`.
+
+    bits_per_byte divides the total loss in bits by the UTF-8 bytes of the predicted text, which makes models
+    with different tokenizers comparable.
+    """
+    device = next(model.parameters()).device
+    T = model.config.context_length
+    byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths())
+    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    windows = list(sequential_windows(tokens, T))
+    model.eval()
+    for i in tqdm(range(0, len(windows), batch_size), desc="evaluating", disable=quiet, leave=False):
+        group = windows[i : i + batch_size]
+        for x, y in _same_length_runs(group):
+            x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            logits = model(x)
+            nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            total_nats += float(nats)
+            total_tokens += y.numel()
+            total_bytes += int(byte_lengths[y.cpu()].sum())
+    loss = total_nats / max(total_tokens, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1),
+        "tokens": total_tokens,
+    }
+
+
+def _same_length_runs(group):
+    """Stack windows of equal length (only the last window of a stream is shorter)."""
+    full = [w for w in group if len(w[0]) == len(group[0][0])]
+    rest = [w for w in group if len(w[0]) != len(group[0][0])]
+    for part in (full, rest):
+        if part:
+            yield np.stack([w[0] for w in part]), np.stack([w[1] for w in part])

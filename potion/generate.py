@@ -1,0 +1,197 @@
+"""Generation: prefill the prompt, then decode one token at a time from the KV cache.
+
+Sampling is a handful of small pure functions on a logits vector: temperature, top-k, top-p, then a draw.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import PotionError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 0 = greedy: always the most likely token
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    num_samples: int = 1
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise PotionError(f"--max-new-tokens must not be negative, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise PotionError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.top_k < 0:
+            raise PotionError(f"--top-k must be positive (or 0 for off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise PotionError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            raise PotionError(f"--num-samples must be at least 1, got {self.num_samples}")
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits / max(temperature, 1e-8)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits; the rest can never be drawn."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p  # mass before this token already reaches p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model, idx: torch.Tensor, cache) -> torch.Tensor:
+    """Run the whole prompt through the model, filling the cache; returns the last position's logits (B, V)."""
+    return model(idx, cache=cache)[:, -1]
+
+
+def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
+    """token (B,) -> logits (B, V) for the position after it."""
+    return model(token[:, None], cache=cache)[:, -1]
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eot_id: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield next-token ids (B,) one step at a time. Stops after eot_id when every row has produced it.
+
+    When the context fills up, the cache is rebuilt from the last half of the context, so generation can go on
+    past context_length tokens (each new token then sees at most context_length - 1 earlier ones).
+    """
+    context = model.config.context_length
+    if idx.size(1) > context:
+        idx = idx[:, -context:]
+    history = idx
+    cache = model.new_cache(idx.size(0))
+    logits = prefill(model, idx, cache)
+    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        yield token
+        if eot_id is not None:
+            finished |= token == eot_id
+            if bool(finished.all()):
+                return
+        history = torch.cat((history, token[:, None]), dim=1)
+        if cache.length >= context:
+            keep = history[:, -(context // 2) :]
+            cache.length = 0
+            logits = prefill(model, keep, cache)
+        else:
+            logits = decode_one_token(model, token, cache)
+
+
+@dataclass
+class Sample:
+    text: str
+    tokens: int
+    finish_reason: str  # eot | stop | length
+
+
+def encode_prompt(tokenizer, prompt: str, context_length: int) -> list[int]:
+    """An empty prompt starts from end-of-text; a prompt longer than the context keeps its last tokens."""
+    ids = tokenizer.encode(prompt, source="the prompt") if prompt else []
+    if not ids:
+        return [tokenizer.eot_id]
+    if len(ids) > context_length:
+        warnings.warn(
+            f"the prompt has {len(ids)} tokens; this model's context is {context_length}, so only the last "
+            f"{context_length} are used",
+            stacklevel=2,
+        )
+        ids = ids[-context_length:]
+    return ids
+
+
+def generate_text(model, tokenizer, prompt: str, sampling: SamplingConfig, on_text=None) -> tuple[list[Sample], float]:
+    """Generate num_samples continuations of prompt. on_text(sample_index, new_text) streams as it goes.
+
+    Returns the samples and the decode speed in tokens per second.
+    """
+    device = next(model.parameters()).device
+    ids = encode_prompt(tokenizer, prompt, model.config.context_length)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    samples, total_tokens, started = [], 0, time.perf_counter()
+    for i in range(sampling.num_samples):
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        new_ids: list[int] = []
+        text, shown, reason = "", 0, "length"
+        for token in generate_tokens(model, idx, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
+                                     sampling.top_p, generator, tokenizer.eot_id):
+            t = int(token[0])
+            if t == tokenizer.eot_id:
+                reason = "eot"
+                break
+            new_ids.append(t)
+            text = tokenizer.decode(new_ids)
+            hit = _first_stop(text, sampling.stop)
+            if hit is not None:
+                text, reason = text[:hit], "stop"
+                break
+            settled = _settled_length(text, sampling.stop)
+            if on_text and settled > shown:
+                on_text(i, text[shown:settled])
+                shown = settled
+        if on_text and len(text) > shown:
+            on_text(i, text[shown:])
+        samples.append(Sample(text, len(new_ids), reason))
+        total_tokens += len(new_ids)
+    elapsed = time.perf_counter() - started
+    return samples, total_tokens / elapsed if elapsed > 0 else 0.0
+
+
+def _settled_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of text can be shown now: not a half-decoded character, not the possible start of a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    for s in stops:
+        for n in range(min(len(s) - 1, end), 0, -1):
+            if text[end - n : end] == s[:n]:
+                end -= n
+                break
+    return end
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None

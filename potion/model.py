@@ -1,0 +1,258 @@
+"""The GPT: token embedding + positions, a stack of blocks, a final norm and a linear head.
+
+Each block is the two steps of the potion metaphor:
+  1. masked self-attention: every token's query is compared with the keys of itself and the tokens before it,
+     the scaled scores are softmaxed into attention weights (each row sums to 1), and the weighted sum of the
+     values is the token's context vector;
+  2. the feed-forward network (the "thinking step");
+each wrapped in a residual link: x = x + step(norm(x)).
+
+Shapes: B = batch, T = time (tokens), C = n_embd, H = n_head, D = head_dim = C / H, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (length, head_dim / 2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1, x2) of each head vector by a position-dependent angle. x: (B, H, T, D)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, D/2)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of the tokens seen so far, preallocated for the whole context."""
+
+    key: torch.Tensor  # (B, H, context_length, D)
+    value: torch.Tensor  # (B, H, context_length, D)
+
+
+class KVCache:
+    """One LayerCache per block plus the number of positions already filled."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device, dtype):
+        shape = (batch_size, config.n_head, config.context_length, config.head_dim)
+        self.layers = [
+            LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(config.n_layer)
+        ]
+        self.length = 0
+        self.capacity = config.context_length
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with named query, key and value projections."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.query = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # what each token looks for
+        self.key = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # what each token offers
+        self.value = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # what each token passes on
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads' context vectors
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def split_heads(self, x):  # (B, T, C) -> (B, H, T, D)
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, rope=None, cache: LayerCache | None = None, start: int = 0, trace: dict | None = None):
+        B, T, C = x.shape
+        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this step's keys/values, then attend over everything so far
+            cache.key[:B, :, start : start + T] = k
+            cache.value[:B, :, start : start + T] = v
+            k, v = cache.key[:B, :, : start + T], cache.value[:B, :, : start + T]
+
+        if trace is not None:
+            y = self.explicit_attention(q, k, v, start, trace)
+        elif start == 0:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)  # (B, H, T, D)
+        elif T == 1:  # one new token sees every cached one: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, start + T, start, x.device))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.proj(y))
+
+    def explicit_attention(self, q, k, v, start: int, trace: dict):
+        """The same computation as scaled_dot_product_attention, step by step, recording every piece."""
+        scores = q @ k.transpose(-2, -1)  # (B, H, T, T_total): raw q.k for every query/key pair
+        scaled = scores / math.sqrt(self.head_dim)
+        mask = causal_mask(q.size(-2), k.size(-2), start, q.device)
+        weights = scaled.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # each row sums to 1
+        context = weights @ v  # (B, H, T, D): each token's context vector, per head
+        trace.update(query=q, key=k, value=v, scores=scores, scaled_scores=scaled, weights=weights, context=context)
+        return context
+
+
+def causal_mask(t_query: int, t_key: int, start: int, device) -> torch.Tensor:
+    """(t_query, t_key) booleans: query i (at position start + i) may see keys 0 .. start + i."""
+    return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(diagonal=start)
+
+
+class MLP(nn.Module):
+    """The feed-forward "thinking step": widen, a non-linearity, project back."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.n_embd
+        self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.activation = config.mlp_activation
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.up(x)  # (B, T, 4C)
+        h = F.gelu(h, approximate="tanh") if self.activation == "gelu" else F.relu(h).square()
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(config, config.n_embd)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None, start=0, trace: dict | None = None):
+        attn_out = self.attn(self.norm1(x), rope, cache, start, trace)
+        x = x + attn_out  # residual link around attention
+        mlp_out = self.mlp(self.norm2(x))
+        if trace is not None:
+            trace.update(attn_out=attn_out, mlp_out=mlp_out)
+        return x + mlp_out  # residual link around the feed-forward step
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.position_embedding = nn.Embedding(config.context_length, config.n_embd)
+        else:
+            cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.final_norm = make_norm(config, config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.token_embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """GPT-2 initialisation: N(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith("attn.proj") or name.endswith("mlp.down")
+                if is_residual and self.config.zero_init_proj:
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, std=residual_std if is_residual else 0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        if self.config.zero_init_head:
+            nn.init.zeros_(self.head.weight)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and self.config.positions == "learned":
+            n -= self.position_embedding.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, trace: list | None = None):
+        """idx: (B, T) token ids. Returns logits (B, T, V), and the mean cross-entropy if targets are given.
+
+        With a cache, idx continues the cached sequence. With trace=[] (explicit attention path), one dict per
+        block is appended holding queries, keys, values, scores, weights and outputs.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.context_length}")
+        x = self.token_embedding(idx)  # (B, T, C)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.position_embedding(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.dropout(x)
+        for i, block in enumerate(self.blocks):
+            record = None
+            if trace is not None:
+                record = {"residual_in": x}
+                trace.append(record)
+            x = block(x, rope, cache.layers[i] if cache is not None else None, start, record)
+        if cache is not None:
+            cache.length = start + T
+        x = self.final_norm(x)
+        if targets is None and cache is not None:
+            x = x[:, -1:]  # generation only needs the last position's prediction
+        logits = self.head(x)  # (B, T, V)
+        if self.config.logit_softcap > 0:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config, batch_size, p.device, p.dtype)
+
+    def generate(self, idx, max_new_tokens: int, **sampling):
+        """Yield new token ids one at a time; see potion.generate.generate_tokens for the options."""
+        from .generate import generate_tokens  # the sampling rules live with generation, not the network
+
+        yield from generate_tokens(self, idx, max_new_tokens, **sampling)

@@ -1,0 +1,176 @@
+"""Tokenizers: text <-> token ids. Character-level or byte-level BPE, each saved as one JSON file.
+
+Both have an end-of-text token that separates documents and tells generation to stop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import PotionError
+
+EOT = "<|endoftext|>"
+
+
+class CharTokenizer:
+    """One token per character of the training text, plus the end-of-text token (the last id)."""
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = sorted(set(chars))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.eot_id = len(self.chars)
+        self.vocab_size = len(self.chars) + 1
+        # a code point -> id table makes encoding a numpy gather instead of a Python loop
+        self._max_cp = max((ord(c) for c in self.chars), default=0)
+        self._table = np.full(self._max_cp + 2, -1, dtype=np.int64)
+        for c, i in self.index.items():
+            self._table[ord(c)] = i
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        if not seen:
+            raise PotionError("cannot build a character vocabulary from empty text")
+        return cls(seen)
+
+    def encode(self, text: str, source: str = "text") -> list[int]:
+        return self.encode_array(text, source).tolist()
+
+    def encode_array(self, text: str, source: str = "text") -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        codes_clipped = np.minimum(codes, self._max_cp + 1)  # anything above the table is unknown
+        ids = self._table[codes_clipped]
+        unknown = np.flatnonzero(ids < 0)
+        if unknown.size:
+            self._raise_unknown(text, int(unknown[0]), source)
+        return ids
+
+    def _raise_unknown(self, text: str, offset: int, source: str):
+        line = text.count("\n", 0, offset) + 1
+        column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+        ch = text[offset]
+        raise PotionError(
+            f"character {ch!r} (U+{ord(ch):04X}) in {source} at line {line}, column {column} is not in this "
+            f"model's character vocabulary ({len(self.chars)} characters)"
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] if i < len(self.chars) else EOT for i in ids)
+
+    def token_text(self, i: int) -> str:
+        return self.decode([i])
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for (end-of-text counts as one, like a separating newline)."""
+        return np.array([len(c.encode("utf-8")) for c in self.chars] + [1], dtype=np.int64)
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "potion-char", "eot": EOT, "chars": self.chars}, ensure_ascii=False)
+
+
+class BPETokenizer:
+    """Byte-level BPE from the `tokenizers` library: any Unicode text round-trips exactly."""
+
+    kind = "bpe"
+
+    def __init__(self, tk):
+        self.tk = tk
+        self.eot_id = tk.token_to_id(EOT)
+        self.vocab_size = tk.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+            show_progress=False,
+        )
+        tk.train_from_iterator(texts, trainer=trainer)
+        return cls(tk)
+
+    def encode(self, text: str, source: str = "text") -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, text: str, source: str = "text") -> np.ndarray:
+        return np.asarray(self.encode(text, source), dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    def token_text(self, i: int) -> str:
+        return self.decode([i])
+
+    def token_byte_lengths(self) -> np.ndarray:
+        from tokenizers import pre_tokenizers
+
+        byte_of = {ch: b for b, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+        lengths = np.ones(self.vocab_size, dtype=np.int64)
+        for token, i in self.tk.get_vocab().items():
+            if token != EOT:
+                lengths[i] = len(token) if all(ch in byte_of for ch in token) else len(token.encode("utf-8"))
+        return lengths
+
+    def to_json(self) -> str:
+        return self.tk.to_str()
+
+
+Tokenizer = CharTokenizer | BPETokenizer
+
+
+def train_tokenizer(kind: str, texts_factory, vocab_size: int = 4096) -> Tokenizer:
+    """texts_factory() yields the corpus documents; called once."""
+    if kind == "char":
+        return CharTokenizer.train(texts_factory())
+    return BPETokenizer.train(texts_factory(), vocab_size)
+
+
+def tokenizer_from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PotionError(f"{source} is not valid JSON ({e}); the run directory may be damaged") from None
+    if isinstance(d, dict) and d.get("type") == "potion-char" and isinstance(d.get("chars"), list):
+        return CharTokenizer(d["chars"])
+    if isinstance(d, dict) and isinstance(d.get("model"), dict):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            tk = HFTokenizer.from_str(text)
+        except Exception as e:  # the library raises its own exception types
+            raise PotionError(f"{source} is not a readable tokenizer: {e}") from None
+        if tk.token_to_id(EOT) is None:
+            raise PotionError(f"{source} has no {EOT} token")
+        return BPETokenizer(tk)
+    raise PotionError(f"{source} is not a potion tokenizer file")
+
+
+def save_tokenizer(tok: Tokenizer, path: Path) -> None:
+    path.write_text(tok.to_json(), encoding="utf-8")
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise PotionError(f"tokenizer file '{path}' is missing")
+    return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+def iter_chunks(text: str, size: int) -> Iterator[str]:
+    for i in range(0, len(text), size):
+        yield text[i : i + size]

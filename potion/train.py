@@ -1,0 +1,322 @@
+"""The training loop: batches in, loss down, with evaluation, logs, samples and checkpoints along the way."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .data import Batches, fixed_batches, prepare
+from .errors import PotionError
+from .generate import generate_tokens
+from .hardware import autocast, pick_device, pick_dtype, set_threads
+from .model import GPT
+from .optim import make_optimizer, set_learning_rate
+from .tokenizer import save_tokenizer
+
+# Fields that may differ between a run and its resumption: they change when and how long, not what is learned.
+RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.eval_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.sample_tokens", "train.device", "train.compile"}
+LOG_EVERY = 10  # steps between loss read-backs from the device (each one is a host sync)
+
+
+def log(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_snapshot() -> tuple[dict, dict]:
+    """(JSON-able states, tensor states) of every random generator the loop touches."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    json_states = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    return json_states, tensors
+
+
+def rng_restore(json_states: dict, tensors: dict) -> None:
+    v, state, gauss = json_states["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = json_states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def config_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    a, b = old.to_dict(), new.to_dict()
+    return [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]]
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, device, dtype) -> float:
+    model.eval()
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
+    model.train()
+    return float(total) / len(batches)
+
+
+def sample_text(model, tokenizer, n_tokens: int, seed: int, device) -> str:
+    """A short sample from end-of-text, with its own generator so training randomness is untouched."""
+    gpt = ckpt.unwrap(model)
+    gpt.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([[tokenizer.eot_id]], device=device)
+    ids = [int(t[0]) for t in generate_tokens(gpt, idx, n_tokens, 0.8, 0, 1.0, generator, tokenizer.eot_id)]
+    gpt.train()
+    return tokenizer.decode(i for i in ids if i != tokenizer.eot_id)
+
+
+def plot_losses(run_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), color="#bbb", lw=1, label="train (batch)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    ckpt.atomic_write(run_dir / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+class StopRequest(threading.Event):
+    """Set by the first Ctrl-C: the loop finishes its step, evaluates, saves and stops. A second Ctrl-C aborts."""
+
+    previous = None
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def install_interrupt_handler() -> StopRequest:
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        return request
+
+    def on_sigint(signum, frame):
+        if request.is_set():
+            raise KeyboardInterrupt
+        request.set()
+        log("\npotion: Ctrl-C: finishing this step, then saving (press Ctrl-C again to abort without saving)")
+
+    request.previous = signal.signal(signal.SIGINT, on_sigint)
+    return request
+
+
+class RunLog:
+    """log.jsonl, appended line by line; on resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, keep_through_step: int | None = None):
+        self.path = path
+        if keep_through_step is not None and path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line)["step"] <= keep_through_step]
+            ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, **row) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def prepare_run_dir(out: Path | None, resume: bool, config: RunConfig) -> tuple[Path, RunConfig]:
+    """Pick the run directory; on resume, refuse changes to anything but the resumable fields."""
+    if resume:
+        if out is None:
+            out = ckpt.latest_run()
+        saved = ckpt.read_config(out)
+        config = replace(config, model=replace(config.model, vocab_size=saved.model.vocab_size))
+        changed = [f for f in config_differences(saved, config) if f not in RESUMABLE_CHANGES]
+        if changed:
+            raise PotionError(
+                f"cannot resume '{out}' with a different {', '.join(changed)}; resume with the saved config "
+                "(drop those flags) or train into a new --out"
+            )
+        return out, config
+    out = out or ckpt.new_run_dir()
+    if out.exists() and any(out.iterdir()):
+        raise PotionError(f"run directory '{out}' already exists; pass --resume to continue it or choose another --out")
+    return out, config
+
+
+def train(config: RunConfig, out: str | Path | None = None, resume: bool = False, quiet: bool = False) -> dict:
+    """Train (or resume) a run; returns the summary that `potion train --json` prints."""
+    started = time.time()
+    run_dir, config = prepare_run_dir(Path(out) if out else None, resume, config)
+    tc = config.train
+    device = pick_device(tc.device)
+    dtype = pick_dtype(tc.dtype, device)
+    threads = set_threads() if device.type == "cpu" else torch.get_num_threads()
+
+    token_file = prepare(config.data, quiet=quiet)
+    tokenizer = token_file.tokenizer
+    config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
+    train_tokens, val_tokens = token_file.split(config.data.val_fraction)
+    T = config.model.context_length
+    batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training")
+    eval_sets = {
+        "train": fixed_batches(train_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 1, "training"),
+        "val": fixed_batches(val_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 2, "validation"),
+    }
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_config(run_dir, config)
+    if not (run_dir / "tokenizer.json").is_file():
+        save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+
+    seed_everything(tc.seed)
+    model = GPT(config.model).to(device)
+    optimizers = make_optimizer(model, tc, device.type)
+    step, best_val, tokens_seen = 0, math.inf, 0
+    checkpoints = ckpt.complete_checkpoints(run_dir) if resume else []
+    if resume and checkpoints:
+        state, rng = ckpt.load_checkpoint(checkpoints[-1], model, optimizers)
+        step, best_val, tokens_seen = state["step"], state["best_val_loss"], state["tokens"]
+        batches.set_state(state["batches"])
+        rng_restore(state["rng"], rng)
+        log(f"potion: resuming {run_dir} from step {step} (best validation loss {best_val:.4f})")
+    elif resume:
+        log(f"potion: {run_dir} has no checkpoint yet; starting it from step 0")
+    run_log = RunLog(run_dir / "log.jsonl", keep_through_step=step if resume else None)
+    if not quiet:
+        log(f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {len(train_tokens):,} training tokens, "
+            f"device {device.type}, {str(dtype).removeprefix('torch.')}, {threads} threads -> {run_dir}")
+
+    compiled = model
+    if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
+        compiled = torch.compile(model)
+
+    def save_resume_state():
+        json_rng, tensor_rng = rng_snapshot()
+        state = {"best_val_loss": best_val, "tokens": tokens_seen, "batches": batches.state(), "rng": json_rng}
+        ckpt.save_checkpoint(run_dir, step, model, optimizers, state, tensor_rng, tc.keep_checkpoints)
+
+    tokens_per_step = tc.batch_size * tc.grad_accum * T
+    bar = tqdm(total=tc.max_steps, initial=step, disable=quiet, dynamic_ncols=True, file=sys.stderr, unit="step")
+    last_train_loss, last_val = math.nan, math.nan
+    window_start, window_steps, speed = time.time(), 0, 0.0
+    loss_sum = torch.zeros((), device=device)
+    first_step = step
+    stop_requested = install_interrupt_handler()
+    try:
+        while True:
+            out_of_time = tc.max_time > 0 and time.time() - started >= tc.max_time
+            done = step >= tc.max_steps or out_of_time or stop_requested.is_set()
+            resumed_here = step == first_step and resume and checkpoints
+            if (step % tc.eval_every == 0 or done) and not resumed_here:
+                last_train_loss = estimate_loss(compiled, eval_sets["train"], device, dtype)
+                last_val = estimate_loss(compiled, eval_sets["val"], device, dtype)
+                improved = last_val < best_val
+                if improved:
+                    best_val = last_val
+                    ckpt.save_tensors(run_dir / "model.safetensors", ckpt.model_state(model))
+                run_log.write(kind="eval", step=step, tokens=tokens_seen, train_loss=last_train_loss,
+                              val_loss=last_val, best_val_loss=best_val, elapsed=round(time.time() - started, 3))
+                plot_losses(run_dir)
+                if not quiet:
+                    log(f"step {step}: train loss {last_train_loss:.4f}, val loss {last_val:.4f}"
+                        f"{' (best)' if improved else ''}")
+                    if tc.sample_tokens and step > 0:
+                        log("  | " + sample_text(model, tokenizer, tc.sample_tokens, tc.seed + step, device)
+                            .replace("\n", "\n  | "))
+                if step % (tc.checkpoint_every or tc.eval_every) == 0 or done:
+                    save_resume_state()
+            elif tc.checkpoint_every and step % tc.checkpoint_every == 0 and not resumed_here:
+                save_resume_state()
+            if done:
+                break
+
+            lr = set_learning_rate(optimizers, step, tc)
+            for _ in range(tc.grad_accum):
+                x, y = batches.next()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    _, loss = compiled(x, y)
+                (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach() / tc.grad_accum
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            window_steps += 1
+            bar.update(1)
+            if step % LOG_EVERY == 0:
+                batch_loss = float(loss_sum) / window_steps  # the one host sync per LOG_EVERY steps
+                now = time.time()
+                speed = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                run_log.write(kind="train", step=step, loss=batch_loss, lr=lr, tokens_per_second=round(speed))
+                postfix = {"loss": f"{batch_loss:.3f}", "tok/s": f"{speed:,.0f}"}
+                if tc.max_time > 0:
+                    postfix["left"] = f"{max(tc.max_time - (now - started), 0):.0f}s"
+                bar.set_postfix(postfix, refresh=False)
+                loss_sum.zero_()
+                window_start, window_steps = now, 0
+    finally:
+        stop_requested.restore()
+        bar.close()
+        run_log.close()
+    if stop_requested.is_set():
+        log(f"potion: stopped at step {step} and saved; continue with: potion train --resume --out {run_dir}")
+
+    seconds = time.time() - started
+    return {
+        "steps": step,
+        "tokens": tokens_seen,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round((tokens_seen - first_step * tokens_per_step) / seconds, 1) if seconds else 0.0,
+        "train_loss": last_train_loss,
+        "val_loss": last_val,
+        "best_val_loss": best_val,
+        "parameters": model.num_parameters(),
+        "interrupted": stop_requested.is_set(),
+        "out": str(run_dir),
+    }
