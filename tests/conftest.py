@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Token and corpus caches go to a temporary folder, never the user's ~/.cache."""
+    os.environ["POTION_CACHE"] = str(tmp_path_factory.mktemp("potion-cache"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def shakespeare():
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is not here (the tests look for ../shared/data beside the project)")
+    return SHAKESPEARE

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from potion import DataConfig, PotionError
+from potion.data import Batches, find_files, prepare, read_blocks
+
+
+def test_directory_glob_and_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.txt").write_text("first document")
+    (tmp_path / "two.md").write_text("second document")
+    (tmp_path / ".hidden").write_text("never read")
+    assert [p.name for p in find_files(str(tmp_path))] == ["one.txt", "two.md"]
+    assert [p.name for p in find_files(str(tmp_path / "**" / "*.txt"))] == ["one.txt"]
+    assert find_files(str(tmp_path / "two.md")) == [tmp_path / "two.md"]
+
+
+def test_documents_are_separated_by_end_of_text_and_cached(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.txt").write_text("world")
+    first = prepare(DataConfig(data=str(tmp_path)), quiet=True)
+    tok = first.tokenizer
+    assert tok.decode(first.tokens.tolist()) == "hello<|endoftext|>world<|endoftext|>"
+    assert first.tokens.dtype == np.uint16
+    second = prepare(DataConfig(data=str(tmp_path)), quiet=True)
+    assert second.folder == first.folder  # same content and tokenizer: the cached token file is reused
+    (tmp_path / "b.txt").write_text("world!")
+    assert prepare(DataConfig(data=str(tmp_path)), quiet=True).folder != first.folder
+
+
+def test_split_is_deterministic_last_part_is_validation(tmp_path):
+    (tmp_path / "a.txt").write_text("abcdefghij" * 10)
+    tf = prepare(DataConfig(data=str(tmp_path / "a.txt"), val_fraction=0.1), quiet=True)
+    train, val = tf.split(0.1)
+    assert len(val) == len(tf.tokens) // 10 and np.array_equal(np.concatenate([train, val]), tf.tokens)
+
+
+def test_bpe_tokenizer_on_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    tf = prepare(DataConfig(data=str(tmp_path / "a.txt"), tokenizer="bpe", bpe_vocab_size=300), quiet=True)
+    assert tf.tokenizer.kind == "bpe" and tf.tokenizer.vocab_size <= 300
+    assert tf.tokenizer.decode(tf.tokens.tolist()).startswith("the quick brown fox")
+
+
+def test_batches_are_shifted_windows_and_resumable():
+    tokens = np.arange(1000, dtype=np.uint16)
+    b = Batches(tokens, 8, 4, seed=0)
+    x, y = b.next()
+    assert x.shape == (4, 8) and bool((y == x + 1).all())
+    state = b.state()
+    after = b.next()[0]
+    b.set_state(state)
+    assert bool((b.next()[0] == after).all())
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"abc\x00\x01\x02", "binary file.*offset 3"),
+    (b"caf\xc3\xa9 ok \xff\xfe", "not valid UTF-8 at byte offset 9"),
+])
+def test_bad_files(tmp_path, content, message):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(content)
+    with pytest.raises(PotionError, match=message):
+        prepare(DataConfig(data=str(f)), quiet=True)
+
+
+def test_invalid_utf8_offset_across_blocks(tmp_path):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(b"a" * 10 + "é".encode() + b"b" * 5 + b"\xff")
+    with pytest.raises(PotionError, match="offset 17"):
+        list(read_blocks(f, block_bytes=11))  # the two-byte 'é' straddles the first block boundary
+
+
+def test_missing_data_and_empty_glob(tmp_path):
+    with pytest.raises(PotionError, match="not a file, a directory"):
+        find_files(str(tmp_path / "nope.txt"))
+    with pytest.raises(PotionError, match="matches no files"):
+        find_files(str(tmp_path / "*.txt"))
+
+
+def test_corpus_smaller_than_context(tmp_path):
+    with pytest.raises(PotionError, match="needs at least"):
+        Batches(np.arange(10, dtype=np.uint16), 64, 2, seed=0, split="training")
+
+
+def test_pydocs_builtin_corpus():
+    files = find_files("pydocs")
+    assert len(files) > 20
+    assert sum(p.stat().st_size for p in files) > 1_000_000

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from potion import GPT, ModelConfig, PotionError, SamplingConfig, generate_text
+from potion.generate import apply_top_k, apply_top_p, encode_prompt, sample_next
+from potion.tokenizer import CharTokenizer
+
+
+def test_top_k_keeps_k():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
+    kept = apply_top_k(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, True]]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = apply_top_p(probs.log(), 0.7)
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(apply_top_p(probs.log(), 0.4)).tolist() == [[True, False, False, False]]
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]])
+    assert sample_next(logits, 0.0, 0, 1.0).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+                                    dict(num_samples=0)])
+def test_bad_sampling_values(kwargs):
+    with pytest.raises(PotionError):
+        SamplingConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    tok = CharTokenizer.train(["abcdefgh \n"])
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    return model, tok
+
+
+def test_same_seed_same_text(tiny):
+    model, tok = tiny
+    s = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=7)
+    a, _ = generate_text(model, tok, "abc", s)
+    b, _ = generate_text(model, tok, "abc", s)
+    c, _ = generate_text(model, tok, "abc", SamplingConfig(max_new_tokens=40, temperature=1.0, seed=8))
+    assert a[0].text == b[0].text
+    assert a[0].text != c[0].text
+
+
+def test_max_tokens_and_generation_past_the_context(tiny):
+    model, tok = tiny
+    s = SamplingConfig(max_new_tokens=50, temperature=1.0, seed=1)  # 50 > context of 16
+    (sample,), _ = generate_text(_never_eot(model, tok), tok, "ab", s)
+    assert sample.tokens == 50 and sample.finish_reason == "length"
+
+
+def _never_eot(model, tok):
+    class NoEOT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, *a, **k):
+            logits = self.inner(*a, **k)
+            logits[..., tok.eot_id] = float("-inf")
+            return logits
+
+        def new_cache(self, b):
+            return self.inner.new_cache(b)
+
+    return NoEOT()
+
+
+def test_stops_at_end_of_text(tiny):
+    model, tok = tiny
+
+    class AlwaysEOT(torch.nn.Module):
+        config = model.config
+
+        def forward(self, idx, cache=None):
+            out = torch.zeros(idx.size(0), idx.size(1), tok.vocab_size)
+            out[..., tok.eot_id] = 10.0
+            if cache is not None:
+                cache.length += idx.size(1)
+            return out
+
+        def new_cache(self, b):
+            return model.new_cache(b)
+
+    wrapped = AlwaysEOT()
+    wrapped.dummy = torch.nn.Parameter(torch.zeros(1))
+    (sample,), _ = generate_text(wrapped, tok, "ab", SamplingConfig(max_new_tokens=20, temperature=0))
+    assert sample.finish_reason == "eot" and sample.tokens == 0 and sample.text == ""
+
+
+def test_stop_string_cuts_text(tiny):
+    model, tok = tiny
+    s = SamplingConfig(max_new_tokens=200, temperature=1.0, seed=3)
+    (free,), _ = generate_text(_never_eot(model, tok), tok, "a", s)
+    stop = free.text[5:7]
+    streamed = []
+    (cut,), _ = generate_text(_never_eot(model, tok), tok, "a", SamplingConfig(max_new_tokens=200, temperature=1.0,
+                              seed=3, stop=(stop,)), on_text=lambda i, t: streamed.append(t))
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.find(stop)]
+    assert "".join(streamed) == cut.text  # the stop string itself is never streamed
+
+
+def test_prompt_longer_than_context_keeps_the_end(tiny):
+    _, tok = tiny
+    with pytest.warns(UserWarning, match="only the last 16"):
+        ids = encode_prompt(tok, "abcdefgh" * 4, 16)
+    assert tok.decode(ids) == ("abcdefgh" * 4)[-16:]
+    assert encode_prompt(tok, "", 16) == [tok.eot_id]
