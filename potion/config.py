@@ -44,6 +44,7 @@ class ModelConfig:
     zero_init_proj: bool = False  # output projections of attention and MLP start at zero
     zero_init_head: bool = False  # an untied output head that starts at zero
     logit_softcap: float = 0.0  # 0 = off; else logits = cap * tanh(logits / cap)
+    value_embeddings: bool = False  # a second token embedding added to every layer's values
 
     def __post_init__(self):
         _check_choice("positions", self.positions, ("learned", "rope"))
