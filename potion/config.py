@@ -92,6 +92,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 2000
     max_time: float = 0.0  # seconds of wall clock; 0 = no limit
+    stop_at_loss: float = 0.0  # stop once the validation loss reaches this; 0 = never
     learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1  # the schedule decays to learning_rate * min_lr_ratio
     warmup_steps: int = 100
