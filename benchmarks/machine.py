@@ -81,6 +81,9 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_avx512_bf16": "avx512_bf16" in cpu_flags(),
         "cpu_amx_bf16": "amx_bf16" in cpu_flags(),
+        # Other work on the machine skews timings; a 1-minute load well above zero at the start
+        # of a run marks its numbers as suspect.
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import time
@@ -26,9 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chardata import DEFAULT_DATA, fixed_val_batches, load_chars, sample_batch, val_windows
 from machine import emit, machine_info, matmul_peak_tflops, physical_cores, synchronize
-
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 class CausalSelfAttention(nn.Module):
@@ -67,7 +67,6 @@ class ReferenceGPT(nn.Module):
     def __init__(self, vocab_size: int, n_layer: int, n_head: int, n_embd: int, context: int,
                  dropout: float = 0.0):
         super().__init__()
-        self.context = context
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(context, n_embd)
         self.drop = nn.Dropout(dropout)
@@ -101,23 +100,6 @@ class ReferenceGPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
-
-
-def load_chars(path: Path):
-    """Character ids of the file: first 90% train, last 10% validation, vocabulary from the whole file."""
-    text = Path(path).read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    index = {c: i for i, c in enumerate(chars)}
-    ids = np.fromiter((index[c] for c in text), dtype=np.uint16, count=len(text))
-    split = int(0.9 * len(ids))
-    return ids[:split], ids[split:], len(chars)
-
-
-def sample_batch(ids: np.ndarray, batch: int, context: int, gen: torch.Generator, device):
-    starts = torch.randint(len(ids) - context - 1, (batch,), generator=gen).tolist()
-    x = torch.from_numpy(np.stack([ids[s:s + context] for s in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([ids[s + 1:s + 1 + context] for s in starts]).astype(np.int64))
-    return x.to(device), y.to(device)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1):
@@ -182,106 +164,115 @@ def train_reference(model, train_ids, *, steps, batch, context, lr_at, device="c
 
 
 def fixed_eval_fn(model, val_ids, n_batches, batch, context, seed, device):
-    """Mean validation loss over the same batches every time, so evaluations differ only by the model."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    batches = [sample_batch(val_ids, batch, context, gen, device) for _ in range(n_batches)]
-
-    @torch.no_grad()
-    def evaluate():
-        return statistics.fmean(model(x, y)[1].item() for x, y in batches)
-    return evaluate
+    """Mean loss over the same validation batches every time, so evaluations differ only by the model."""
+    batches = fixed_val_batches(val_ids, n_batches, batch, context, seed, device)
+    return torch.no_grad()(lambda: statistics.fmean(model(x, y)[1].item() for x, y in batches))
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@torch.no_grad()
+def full_val_loss(model, val_ids, context, device):
+    model.eval()
+    pairs = [(model(x, y)[1].item(), len(x)) for x, y in val_windows(val_ids, context, device=device)]
+    model.train()
+    return sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs)
 
 
-def main(argv=None):
+# (flag, type, default, help). Defaults are nanoGPT's shakespeare_char CPU recipe, the
+# time-to-loss setting; the speed mode is normally given the bigger shape on the command line.
+OPTIONS = [
+    ("--threads", int, physical_cores(), "torch threads (default: physical cores)"),
+    ("--seed", int, 1337, None), ("--n-layer", int, 4, None), ("--n-head", int, 4, None),
+    ("--n-embd", int, 128, None), ("--context", int, 64, None), ("--batch", int, 12, None),
+    ("--dropout", float, 0.0, None), ("--lr", float, 1e-3, None), ("--min-lr", float, 1e-4, None),
+    ("--warmup-steps", int, 100, "time-to-loss: linear lr warmup steps"),
+    ("--steps", int, None, "speed: timed steps (20); time-to-loss: max steps (2000)"),
+    ("--target", float, 1.90, "time-to-loss: validation loss to reach"),
+    ("--eval-every", int, 50, None),
+    ("--eval-batches", int, 20, "time-to-loss: fixed validation batches per evaluation"),
+]
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=["speed", "time-to-loss"], required=True)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=physical_cores(), help="default: physical cores")
-    ap.add_argument("--seed", type=int, default=1337)
-    # Defaults are nanoGPT's shakespeare_char CPU recipe (the time-to-loss setting).
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=128)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=12)
-    ap.add_argument("--dropout", type=float, default=0.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--min-lr", type=float, default=1e-4)
-    ap.add_argument("--warmup-steps", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=None, help="speed: 20; time-to-loss: 2000 (max)")
-    ap.add_argument("--target", type=float, default=1.90, help="time-to-loss: validation loss to reach")
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--eval-batches", type=int, default=20, help="fixed validation batches per evaluation")
+    for flag, typ, default, help_ in OPTIONS:
+        ap.add_argument(flag, type=typ, default=default, help=help_)
     ap.add_argument("--stop-at-target", action="store_true", help="end training once the target is reached")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def run_speed(args, model, train_ids, tokens_per_step):
+    steps, warmup = args.steps or 20, 2  # first steps pay for allocator growth and kernel choice
+    secs, _ = train_reference(model, train_ids, steps=warmup + steps, batch=args.batch,
+                              context=args.context, lr_at=lambda s: args.lr,
+                              device=args.device, seed=args.seed)
+    timed = secs[warmup:]
+    median = statistics.median(timed)
+    # Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores.
+    flops_per_token = 6 * model.num_params() + 6 * args.n_layer * args.n_embd * args.context
+    return dict(steps_timed=steps, warmup_steps=warmup, ms_per_step=round(median * 1e3, 2),
+                ms_per_step_min=round(min(timed) * 1e3, 2), ms_per_step_max=round(max(timed) * 1e3, 2),
+                tokens_per_second=round(tokens_per_step / median, 1),
+                model_tflops=round(flops_per_token * tokens_per_step / median / 1e12, 4),
+                matmul_peak_tflops_fp32=round(matmul_peak_tflops(args.device, torch.float32), 4))
+
+
+def run_time_to_loss(args, model, train_ids, val_ids, tokens_per_step):
+    steps = args.steps or 2000
+    eval_fn = fixed_eval_fn(model, val_ids, args.eval_batches, args.batch, args.context,
+                            args.seed, args.device)
+    reached = []  # the first evaluated step at or under the target
+
+    def stop(step, loss):
+        if loss <= args.target and not reached:
+            reached.append(step)
+        return bool(reached) and args.stop_at_target
+
+    secs, evals = train_reference(
+        model, train_ids, steps=steps, batch=args.batch, context=args.context,
+        lr_at=lambda s: cosine_lr(s, args.lr, args.warmup_steps, steps, args.min_lr),
+        device=args.device, seed=args.seed, eval_every=args.eval_every, eval_fn=eval_fn, stop=stop)
+    hit = next((e for e in evals if reached and e["step"] == reached[0]), None)
+    return dict(
+        target=args.target, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+        max_steps=steps, steps_run=len(secs), eval_every=args.eval_every,
+        eval_set=f"{args.eval_batches} fixed batches x {args.batch} x {args.context} tokens "
+                 f"from the last 10% of the file",
+        reached_target=hit is not None,
+        step_to_target=hit and hit["step"],
+        tokens_to_target=hit and hit["step"] * tokens_per_step,
+        seconds_to_target_wall=hit and round(hit["wall_seconds"], 3),
+        seconds_to_target_train=hit and round(hit["train_seconds"], 3),
+        final_val_loss=round(evals[-1]["val_loss"], 4),
+        best_val_loss=round(min(e["val_loss"] for e in evals), 4),
+        final_val_loss_full_split=round(full_val_loss(model, val_ids, args.context, args.device), 4),
+        train_seconds_total=round(sum(secs), 3), wall_seconds_total=round(evals[-1]["wall_seconds"], 3),
+        ms_per_step=round(statistics.median(secs) * 1e3, 3))
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     train_ids, val_ids, vocab = load_chars(args.data)
     data_seconds = time.perf_counter() - t0
     model = ReferenceGPT(vocab, args.n_layer, args.n_head, args.n_embd, args.context,
                          args.dropout).to(args.device)
-    shape = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
-             "context": args.context, "batch": args.batch, "dropout": args.dropout,
-             "vocab_size": vocab, "params": model.num_params()}
-    record = {"benchmark": f"reference_gpt.{args.mode}", **shape, "data_seconds": round(data_seconds, 4),
-              "seed": args.seed, "machine": machine_info(args.device), "torch_threads": torch.get_num_threads()}
+    record = {"benchmark": f"reference_gpt.{args.mode}", "n_layer": args.n_layer, "n_head": args.n_head,
+              "n_embd": args.n_embd, "context": args.context, "batch": args.batch,
+              "dropout": args.dropout, "vocab_size": vocab, "params": model.num_params(),
+              "data_seconds": round(data_seconds, 4), "seed": args.seed,
+              "machine": machine_info(args.device), "torch_threads": torch.get_num_threads()}
     tokens_per_step = args.batch * args.context
-
     if args.mode == "speed":
-        steps = args.steps or 20
-        warmup = 2  # first steps pay for allocator growth and kernel selection
-        secs, _ = train_reference(model, train_ids, steps=warmup + steps, batch=args.batch,
-                                  context=args.context, lr_at=lambda s: args.lr,
-                                  device=args.device, seed=args.seed)
-        timed = secs[warmup:]
-        median = statistics.median(timed)
-        # Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores.
-        flops_per_token = 6 * model.num_params() + 6 * args.n_layer * args.n_embd * args.context
-        peak = matmul_peak_tflops(args.device, torch.float32)
-        record.update(steps_timed=steps, warmup_steps=warmup, ms_per_step=round(median * 1e3, 2),
-                      ms_per_step_min=round(min(timed) * 1e3, 2), ms_per_step_max=round(max(timed) * 1e3, 2),
-                      tokens_per_second=round(tokens_per_step / median, 1),
-                      model_tflops=round(flops_per_token * tokens_per_step / median / 1e12, 4),
-                      matmul_peak_tflops_fp32=round(peak, 4))
+        record.update(run_speed(args, model, train_ids, tokens_per_step))
     else:
-        steps = args.steps or 2000
-        eval_fn = fixed_eval_fn(model, val_ids, args.eval_batches, args.batch, args.context,
-                                args.seed, args.device)
-        reached = []
-
-        def stop(step, loss):
-            if loss <= args.target and not reached:
-                reached.append(step)
-            return bool(reached) and args.stop_at_target
-
-        secs, evals = train_reference(
-            model, train_ids, steps=steps, batch=args.batch, context=args.context,
-            lr_at=lambda s: cosine_lr(s, args.lr, args.warmup_steps, steps, args.min_lr),
-            device=args.device, seed=args.seed, eval_every=args.eval_every, eval_fn=eval_fn, stop=stop)
-        hit = next((e for e in evals if reached and e["step"] == reached[0]), None)
-        record.update(
-            target=args.target, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-            max_steps=steps, steps_run=len(secs), eval_every=args.eval_every,
-            eval_set=f"{args.eval_batches} fixed batches x {args.batch} x {args.context} tokens "
-                     f"from the last 10% of the file",
-            reached_target=hit is not None,
-            step_to_target=hit and hit["step"],
-            tokens_to_target=hit and hit["step"] * tokens_per_step,
-            seconds_to_target_wall=hit and round(hit["wall_seconds"], 3),
-            seconds_to_target_train=hit and round(hit["train_seconds"], 3),
-            final_val_loss=round(evals[-1]["val_loss"], 4),
-            best_val_loss=round(min(e["val_loss"] for e in evals), 4),
-            train_seconds_total=round(sum(secs), 3), wall_seconds_total=round(evals[-1]["wall_seconds"], 3),
-            ms_per_step=round(statistics.median(secs) * 1e3, 3))
+        record.update(run_time_to_loss(args, model, train_ids, val_ids, tokens_per_step))
+    # Load at the end too: other processes that arrived mid-run show here, not in machine_info.
+    record["load_avg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     emit(record)
 
 
