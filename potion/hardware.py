@@ -86,6 +86,28 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or available, available))
 
 
+@functools.lru_cache(maxsize=4)
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured TFLOP/s of a square matmul in this dtype: the yardstick for model FLOPs utilisation (MFU).
+
+    A quick measurement (well under a second) at a size that fills the device without taking long; the
+    benchmarks measure more carefully.
+    """
+    import time
+
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e12
+
+
 def set_threads() -> int:
     n = physical_cores()
     torch.set_num_threads(n)

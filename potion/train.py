@@ -21,7 +21,7 @@ from .config import RunConfig
 from .data import Batches, fixed_batches, prepare
 from .errors import PotionError
 from .generate import generate_tokens
-from .hardware import autocast, pick_device, pick_dtype, set_threads
+from .hardware import autocast, matmul_peak_tflops, pick_device, pick_dtype, set_threads
 from .model import GPT
 from .optim import make_optimizer, set_learning_rate
 from .tokenizer import save_tokenizer
@@ -239,6 +239,8 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
         ckpt.save_checkpoint(run_dir, step, model, optimizers, state, tensor_rng, tc.keep_checkpoints)
 
     tokens_per_step = tc.batch_size * tc.grad_accum * T
+    # model FLOPs utilisation: the model's useful arithmetic per second over the matmul peak measured here
+    flops_per_token, peak_tflops = model.training_flops_per_token(), matmul_peak_tflops(device, dtype)
     bar = tqdm(total=tc.max_steps, initial=step, disable=quiet, dynamic_ncols=True, file=sys.stderr, unit="step")
     last_train_loss, last_val = math.nan, math.nan
     window_start, window_steps, speed = time.time(), 0, 0.0
@@ -301,8 +303,10 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
                 batch_loss = float(loss_sum) / window_steps  # the one host sync per LOG_EVERY steps
                 now = time.time()
                 speed = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-                run_log.write(kind="train", step=step, loss=batch_loss, lr=lr, tokens_per_second=round(speed))
-                postfix = {"loss": f"{batch_loss:.3f}", "tok/s": f"{speed:,.0f}"}
+                mfu = speed * flops_per_token / 1e12 / peak_tflops
+                run_log.write(kind="train", step=step, loss=batch_loss, lr=lr, tokens_per_second=round(speed),
+                              mfu=round(mfu, 4))
+                postfix = {"loss": f"{batch_loss:.3f}", "tok/s": f"{speed:,.0f}", "MFU": f"{100 * mfu:.0f}%"}
                 if tc.max_time > 0:
                     postfix["left"] = f"{max(tc.max_time - (now - started), 0):.0f}s"
                 bar.set_postfix(postfix, refresh=False)
