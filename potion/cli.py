@@ -25,7 +25,7 @@ def cmd_train(args) -> int:
     overrides = list(args.set)
     for flag, key in (("data", "data.data"), ("max_steps", "train.max_steps"), ("max_time", "train.max_time"),
                       ("eval_every", "train.eval_every"), ("checkpoint_every", "train.checkpoint_every"),
-                      ("device", "train.device"), ("seed", "train.seed")):
+                      ("device", "train.device"), ("seed", "train.seed"), ("probe", "train.probe")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--seed", type=int)
+    t.add_argument("--probe", metavar="TEXT", help="save the explain data for TEXT at every evaluation (run/probes/)")
     t.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     t.add_argument("--quiet", action="store_true", help="no progress bar or samples")
     t.set_defaults(func=cmd_train)

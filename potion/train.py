@@ -20,6 +20,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .data import Batches, fixed_batches, prepare
 from .errors import PotionError
+from .explain import check_probe, save_probe
 from .generate import generate_tokens
 from .hardware import autocast, pick_device, pick_dtype, set_threads
 from .model import GPT
@@ -28,7 +29,7 @@ from .tokenizer import save_tokenizer
 
 # Fields that may differ between a run and its resumption: they change when and how long, not what is learned.
 RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.sample_tokens", "train.device", "train.compile"}
+                     "train.keep_checkpoints", "train.sample_tokens", "train.device", "train.compile", "train.probe"}
 LOG_EVERY = 10  # steps between loss read-backs from the device (each one is a host sync)
 
 
@@ -198,6 +199,8 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
     tokenizer = token_file.tokenizer
     config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
     train_tokens, val_tokens = token_file.split(config.data.val_fraction)
+    if tc.probe:
+        check_probe(tokenizer, tc.probe, config.model.context_length)  # fail now, not after the first evaluation
     T = config.model.context_length
     batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training")
     eval_sets = {
@@ -259,6 +262,8 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
                 run_log.write(kind="eval", step=step, tokens=tokens_seen, train_loss=last_train_loss,
                               val_loss=last_val, best_val_loss=best_val, elapsed=round(time.time() - started, 3))
                 plot_losses(run_dir)
+                if tc.probe:  # attention and prediction for one prompt at every evaluation: watch them form
+                    save_probe(ckpt.unwrap(model), tokenizer, tc.probe, run_dir, step)
                 if not quiet:
                     log(f"step {step}: train loss {last_train_loss:.4f}, val loss {last_val:.4f}"
                         f"{' (best)' if improved else ''}")
