@@ -44,6 +44,7 @@ class ModelConfig:
     zero_init_proj: bool = False  # output projections of attention and MLP start at zero
     zero_init_head: bool = False  # an untied output head that starts at zero
     logit_softcap: float = 0.0  # 0 = off; else logits = cap * tanh(logits / cap)
+    value_embeddings: bool = False  # a second token embedding added to every layer's values
 
     def __post_init__(self):
         _check_choice("positions", self.positions, ("learned", "rope"))
@@ -91,6 +92,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 2000
     max_time: float = 0.0  # seconds of wall clock; 0 = no limit
+    stop_at_loss: float = 0.0  # stop once the validation loss reaches this; 0 = never
     learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1  # the schedule decays to learning_rate * min_lr_ratio
     warmup_steps: int = 100

@@ -94,9 +94,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, rope=None, cache: LayerCache | None = None, start: int = 0, trace: dict | None = None):
+    def forward(self, x, rope=None, cache: LayerCache | None = None, start: int = 0, trace: dict | None = None,
+                value_embedding=None):
         B, T, C = x.shape
-        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        v = self.value(x) if value_embedding is None else self.value(x) + value_embedding
+        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(v)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -160,8 +162,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, start=0, trace: dict | None = None):
-        attn_out = self.attn(self.norm1(x), rope, cache, start, trace)
+    def forward(self, x, rope=None, cache=None, start=0, trace: dict | None = None, value_embedding=None):
+        attn_out = self.attn(self.norm1(x), rope, cache, start, trace, value_embedding)
         x = x + attn_out  # residual link around attention
         mlp_out = self.mlp(self.norm2(x))
         if trace is not None:
@@ -180,6 +182,8 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if config.value_embeddings:  # a token's identity fed straight into what it passes on, in every layer
+            self.value_embedding = nn.Embedding(config.vocab_size, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config, config.n_embd)
@@ -228,12 +232,13 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.dropout(x)
+        value_embedding = self.value_embedding(idx) if self.config.value_embeddings else None
         for i, block in enumerate(self.blocks):
             record = None
             if trace is not None:
                 record = {"residual_in": x}
                 trace.append(record)
-            x = block(x, rope, cache.layers[i] if cache is not None else None, start, record)
+            x = block(x, rope, cache.layers[i] if cache is not None else None, start, record, value_embedding)
         if cache is not None:
             cache.length = start + T
         x = self.final_norm(x)

@@ -43,16 +43,69 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The 2-D weights inside the blocks (query, key, value, projections, MLP): the ones Muon orthogonalises.
+
+    Embeddings and the output head are lookups/readouts rather than maps between hidden states, so they stay
+    with AdamW, as do all vectors.
+    """
+    blocks = getattr(model, "blocks", None)
+    return [p for p in blocks.parameters() if p.dim() == 2 and p.requires_grad] if blocks is not None else []
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
     """A list of optimizers stepped together (one for AdamW; Muon adds a second for the hidden matrices)."""
-    groups = parameter_groups(model, config.weight_decay)
+    muon_params = hidden_matrices(model) if config.optimizer == "muon" else []
+    muon_ids = {id(p) for p in muon_params}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
+              for g in parameter_groups(model, config.weight_decay)]
     for g in groups:
         g["peak_lr"] = config.learning_rate
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-    adamw = torch.optim.AdamW(
-        groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused or None
-    )
-    return [adamw]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.learning_rate, betas=(config.beta1, config.beta2),
+        fused=fused or None
+    )]
+    if muon_params:
+        muon_class = getattr(torch.optim, "Muon", None) or Muon
+        muon = muon_class(muon_params, lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95)
+        for g in muon.param_groups:
+            g["peak_lr"] = config.muon_lr
+        optimizers.append(muon)
+    return optimizers
+
+
+def orthogonalise(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately replace g by the nearest semi-orthogonal matrix (U V^T of its SVD) by Newton-Schulz steps."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # a quintic tuned to push singular values towards 1 fast
+    x = g / (g.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then an orthogonalised update: for torch builds without torch.optim.Muon."""
+
+    def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                update = orthogonalise(p.grad + group["momentum"] * buf)  # Nesterov momentum
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
 
 
 def set_learning_rate(optimizers: list[torch.optim.Optimizer], step: int, config: TrainConfig) -> float:

@@ -28,8 +28,9 @@ from .optim import make_optimizer, set_learning_rate
 from .tokenizer import save_tokenizer
 
 # Fields that may differ between a run and its resumption: they change when and how long, not what is learned.
-RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.sample_tokens", "train.device", "train.compile", "train.probe"}
+RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", "train.eval_every",
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.sample_tokens", "train.device",
+                     "train.compile", "train.probe"}
 LOG_EVERY = 10  # steps between loss read-backs from the device (each one is a host sync)
 
 
@@ -245,7 +246,7 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
     last_train_loss, last_val = math.nan, math.nan
     window_start, window_steps, speed = time.time(), 0, 0.0
     loss_sum = torch.zeros((), device=device)
-    first_step = step
+    first_step, train_seconds = step, 0.0  # train_seconds: time in training steps only, evaluation excluded
     stop_requested = install_interrupt_handler()
     try:
         while True:
@@ -255,12 +256,14 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
             if (step % tc.eval_every == 0 or done) and not resumed_here:
                 last_train_loss = estimate_loss(compiled, eval_sets["train"], device, dtype)
                 last_val = estimate_loss(compiled, eval_sets["val"], device, dtype)
+                done = done or 0 < last_val <= tc.stop_at_loss
                 improved = last_val < best_val
                 if improved:
                     best_val = last_val
                     ckpt.save_tensors(run_dir / "model.safetensors", ckpt.model_state(model))
                 run_log.write(kind="eval", step=step, tokens=tokens_seen, train_loss=last_train_loss,
-                              val_loss=last_val, best_val_loss=best_val, elapsed=round(time.time() - started, 3))
+                              val_loss=last_val, best_val_loss=best_val, elapsed=round(time.time() - started, 3),
+                              train_seconds=round(train_seconds, 3))
                 plot_losses(run_dir)
                 if tc.probe:  # attention and prediction for one prompt at every evaluation: watch them form
                     save_probe(ckpt.unwrap(model), tokenizer, tc.probe, run_dir, step)
@@ -277,6 +280,7 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
             if done:
                 break
 
+            step_started = time.time()
             lr = set_learning_rate(optimizers, step, tc)
             for _ in range(tc.grad_accum):
                 x, y = batches.next()
@@ -292,6 +296,7 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
                 opt.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
+            train_seconds += time.time() - step_started
             window_steps += 1
             bar.update(1)
             if step % LOG_EVERY == 0:

@@ -14,7 +14,7 @@ VARIANTS = [
     {},
     {"positions": "rope"},
     {"norm": "rmsnorm", "mlp_activation": "relu2", "bias": False},
-    {"qk_norm": True, "positions": "rope", "tie_embeddings": False, "logit_softcap": 15.0},
+    {"qk_norm": True, "positions": "rope", "tie_embeddings": False, "logit_softcap": 15.0, "value_embeddings": True},
 ]
 
 

@@ -1,0 +1,152 @@
+"""Shared helpers for potion's benchmarks: describe the machine, time things, print results.
+
+Every benchmark prints one JSON line per result so that runs on different machines can be
+collected and compared by a script; the machine description travels with each line.
+
+Benchmarks import this as a sibling module (``from machine import ...``); running
+``python benchmarks/x.py`` puts ``benchmarks/`` on ``sys.path`` automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _cpuinfo_text() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:  # not Linux
+        return ""
+
+
+def cpu_model_name() -> str:
+    for line in _cpuinfo_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    for line in _cpuinfo_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has bf16 matmul hardware (AVX-512 BF16 or AMX).
+
+    Without it PyTorch emulates bf16 matmuls, which can be hundreds of times slower than fp32,
+    so benchmarks must not pick bf16 on such a CPU.
+    """
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def physical_cores() -> int:
+    """Physical cores usable by this process (hyperthreads do not help matmul-bound work)."""
+    cores: set[tuple[str, str]] = set()
+    phys = None
+    for line in _cpuinfo_text().splitlines():
+        if line.startswith("physical id"):
+            phys = line.split(":", 1)[1].strip()
+        elif line.startswith("core id"):
+            cores.add((phys or "0", line.split(":", 1)[1].strip()))
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # A container may be allowed fewer CPUs than the host has cores; never report more than usable.
+    return max(1, min(len(cores), logical) if cores else logical)
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict:
+    """A hostname-free description of where a benchmark ran."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = "cpu"
+    return {
+        "cpu_model": cpu_model_name(),
+        "physical_cores": physical_cores(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": device.type,
+        "device_name": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_avx512_bf16": "avx512_bf16" in cpu_flags(),
+        "cpu_amx_bf16": "amx_bf16" in cpu_flags(),
+        # Other work on the machine skews timings; a 1-minute load well above zero at the start
+        # of a run marks its numbers as suspect.
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings measure the work, not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn: Callable[[], object], device: str | torch.device = "cpu") -> float:
+    """Seconds one call of ``fn`` takes, GPU work included."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def median_of(fn: Callable[[], object], reps: int, device: str | torch.device = "cpu",
+              warmup: int = 1) -> float:
+    """Median seconds per call of ``fn`` over ``reps`` timed calls after ``warmup`` untimed ones.
+
+    The median, not the mean, so that one slow call (a page fault, another process) does not
+    move the figure.
+    """
+    for _ in range(warmup):
+        fn()
+    return statistics.median(time_once(fn, device) for _ in range(reps))
+
+
+def matmul_peak_tflops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       n: int | None = None, reps: int = 5) -> float:
+    """Measured median TFLOP/s of an n x n @ n x n matmul: the ceiling a model could approach.
+
+    Defaults: 8192 on CUDA (big enough to saturate a data-centre GPU), 2048 on CPU. bf16 on a CPU
+    without bf16 hardware is measured at n=256 only, because the emulated path would take minutes
+    at 2048; the number is still reported so the slowness is visible.
+    """
+    device = torch.device(device)
+    if n is None:
+        if device.type == "cuda":
+            n = 8192
+        elif dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+            n = 256
+        else:
+            n = 2048
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    seconds = median_of(lambda: torch.mm(a, b), reps, device, warmup=2)
+    return 2 * n**3 / seconds / 1e12
+
+
+def emit(record: dict) -> None:
+    """Print one result as a single JSON line on stdout (flushed, so partial runs keep results)."""
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    # `python benchmarks/machine.py`: describe this machine and its matmul ceilings.
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    info = machine_info(dev)
+    fp32 = matmul_peak_tflops(dev, torch.float32)
+    bf16 = matmul_peak_tflops(dev, torch.bfloat16)
+    emit({"benchmark": "machine", **info, "matmul_tflops_fp32": round(fp32, 4),
+          "matmul_tflops_bf16": round(bf16, 4)})
