@@ -362,9 +362,13 @@ def check_probe(tokenizer, prompt: str, context_length: int) -> None:
     encode(tokenizer, prompt, context_length, source="the --probe text")
 
 
-def explain(model, tokenizer, prompt: str, token: int = -1, layer: int | None = None, head: int | None = None,
+def explain(model, prompt: str, tokenizer=None, token: int = -1, layer: int | None = None, head: int | None = None,
             top_k: int = 5, expect: str | None = None, step: int | None = None) -> Explanation:
-    """Explain the prediction after token `token` of `prompt` (negative counts from the end, like Python)."""
+    """Explain the prediction after token `token` of `prompt` (negative counts from the end, like Python).
+
+    model is a GPT (then pass its tokenizer), the (model, tokenizer) pair potion.load returns, or a run directory.
+    """
+    model, tokenizer = _model_and_tokenizer(model, tokenizer)
     config = model.config
     ids = encode(tokenizer, prompt, config.context_length)
     T = len(ids)
@@ -384,6 +388,19 @@ def explain(model, tokenizer, prompt: str, token: int = -1, layer: int | None = 
         return _explain(model, tokenizer, prompt, ids, focus, layer, head, top_k, expect, step)
     finally:
         model.train(was_training)
+
+
+def _model_and_tokenizer(model, tokenizer):
+    if isinstance(model, (str, Path)):
+        from .checkpoint import load
+
+        model, tokenizer = load(model)
+    elif isinstance(model, tuple) and len(model) == 2:
+        model, tokenizer = model
+    if tokenizer is None:
+        raise PotionError("explain needs the model's tokenizer: potion.explain(model, prompt, tokenizer), "
+                          "or pass what potion.load returns, or a run directory")
+    return model, tokenizer
 
 
 @torch.no_grad()
@@ -647,7 +664,7 @@ def save_probe(model, tokenizer, prompt: str, run_dir: Path, step: int) -> Path:
     """The explain data for the --probe prompt at this training step (run_dir/probes/step-N.json)."""
     path = probe_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_json(explain(model, tokenizer, prompt, step=step), path)
+    save_json(explain(model, prompt, tokenizer, step=step), path)
     return path
 
 

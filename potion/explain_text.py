@@ -130,12 +130,16 @@ def heatmap_rows(e: Explanation) -> list[tuple[str, list[float]]]:
 
 def heatmap(e: Explanation, style: Style, width: int) -> str:
     label_width = 9
-    columns = [clip(t.label, MAX_LABEL) for t in e.tokens[: e.focus + 1]]
+    columns = [clip(t.label, MAX_LABEL) for t in e.tokens]
     first, used = e.focus + 1, label_width + 2
     while first > 0 and used + display_width(columns[first - 1]) + 1 <= width:  # the window that ends at the focus
         first -= 1
         used += display_width(columns[first]) + 1
-    shown = range(first, e.focus + 1)
+    last = e.focus  # then as many masked (later) tokens as still fit, so the mask is visible
+    while last + 1 < len(columns) and used + display_width(columns[last + 1]) + 1 <= width:
+        last += 1
+        used += display_width(columns[last]) + 1
+    shown = range(first, last + 1)
     widths = {i: max(1, display_width(columns[i])) for i in shown}
     lead = "…" if first > 0 else " "
     lines = [style.bold(f"Attention of token {e.focus} {quoted(e.tokens[e.focus].label)}") +
@@ -143,22 +147,21 @@ def heatmap(e: Explanation, style: Style, width: int) -> str:
              " " * label_width + lead + " " + " ".join(columns[i] + " " * (widths[i] - display_width(columns[i]))
                                                       for i in shown)]
     for name, weights in heatmap_rows(e):
-        cells = " ".join(style.heat(weights[i], widths[i]) for i in shown)
+        cells = " ".join(style.heat(weights[i], widths[i]) if i <= e.focus else style.dim("×" * widths[i])
+                         for i in shown)
         lines.append(f"{name:<{label_width}}{lead} {cells}")
     key = "digit = tenths of the weight" if style.color else f"shades {SHADES[1:]} = 5 %, 25 %, 50 %, 75 % and more"
-    hidden = f"; tokens {first}..{e.focus} of {e.focus + 1} fit the width" if first > 0 else ""
-    masked = f"; the {len(e.masked)} later tokens are masked (a token never sees the future)" if e.masked else ""
+    hidden = f"; tokens {first}..{last} of {len(columns)} fit the width" if first > 0 or last + 1 < len(columns) else ""
+    masked = f"; × = masked: the {len(e.masked)} later tokens (a token never sees the future)" if e.masked else ""
     lines.append(style.dim(f"{key}{hidden}{masked}; 'avg' rows are the mean of a layer's heads (a summary, not a model step)"))
     return "\n".join(lines)
 
 
 def head_detail(e: Explanation, style: Style) -> str:
     h: HeadAttention = e.head_attention(e.layer, e.head)
-    root = e.model.head_dim ** 0.5
     lines = [style.bold(f"Layer {e.layer}, head {e.head}") + " (choose with --layer/--head): the query of token "
              f"{e.focus} (what it looks for) against each key (what a token offers)",
              f"  {'key token':<16}{'q·k':>9}{f'÷√{e.model.head_dim}':>9}{'weight':>9}{'|value|':>9}{'weight×|v|':>12}"]
-    assert abs(root - h.worked.scale) < 1e-9
     for k in h.keys:
         lines.append(f"  {clip(f'{k.index} {quoted(k.label)}', 15):<16}{k.score:9.3f}{k.scaled_score:9.3f}"
                      f"{k.weight:9.3f}{k.value_norm:9.3f}{k.weighted_value_norm:12.3f}")
