@@ -7,11 +7,14 @@ same picture, so the output also reads in a log file or a pipe.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import textwrap
 import unicodedata
 
 from .explain import Explanation, HeadAttention
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SHADES = " ░▒▓█"  # plain heat: < 5 %, < 25 %, < 50 %, < 75 %, the rest
 HEAT = [17, 18, 19, 25, 31, 37, 72, 107, 142, 178, 220]  # 256-colour ramp, dark blue -> yellow, reads on both themes
 MAX_LABEL = 10  # longest token label shown in a heatmap column
@@ -75,7 +78,17 @@ def render_text(e: Explanation, width: int | None = None, color: bool = False) -
     sections = [header(e, style, width), prediction(e, style), heatmap(e, style, width), head_detail(e, style),
                 worked_example(e, style), logit_lens(e, style, width), what_mattered(e, style), checks(e, style)]
     sections.append(style.dim(e.notes[0]))
-    return "\n\n".join(s for s in sections if s) + "\n"
+    text = "\n\n".join(s for s in sections if s)
+    return "\n".join(fit(line, width) for line in text.split("\n")) + "\n"
+
+
+def fit(line: str, width: int) -> str:
+    """Wrap a line of prose that is wider than the terminal (its bold or dim styling is dropped when it wraps)."""
+    if display_width(ANSI.sub("", line)) <= width:
+        return line
+    plain = ANSI.sub("", line)
+    indent = " " * (len(plain) - len(plain.lstrip()) + 2)
+    return textwrap.fill(plain, width, subsequent_indent=indent, break_on_hyphens=False)
 
 
 def header(e: Explanation, style: Style, width: int) -> str:
