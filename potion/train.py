@@ -32,6 +32,7 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", 
                      "train.checkpoint_every", "train.keep_checkpoints", "train.sample_tokens", "train.device",
                      "train.compile", "train.probe"}
 LOG_EVERY = 10  # steps between loss read-backs from the device (each one is a host sync)
+PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
 
 
 def log(message: str) -> None:
@@ -246,6 +247,7 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
     last_train_loss, last_val = math.nan, math.nan
     window_start, window_steps, speed = time.time(), 0, 0.0
     loss_sum = torch.zeros((), device=device)
+    last_plot = 0.0
     first_step, train_seconds = step, 0.0  # train_seconds: time in training steps only, evaluation excluded
     stop_requested = install_interrupt_handler()
     try:
@@ -264,7 +266,9 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
                 run_log.write(kind="eval", step=step, tokens=tokens_seen, train_loss=last_train_loss,
                               val_loss=last_val, best_val_loss=best_val, elapsed=round(time.time() - started, 3),
                               train_seconds=round(train_seconds, 3))
-                plot_losses(run_dir)
+                if done or time.time() - last_plot >= PLOT_EVERY_SECONDS:
+                    plot_losses(run_dir)
+                    last_plot = time.time()
                 if tc.probe:  # attention and prediction for one prompt at every evaluation: watch them form
                     save_probe(ckpt.unwrap(model), tokenizer, tc.probe, run_dir, step)
                 if not quiet:
