@@ -234,3 +234,15 @@ def test_cli_empty_prompt(tmp_path):
     run = make_run(tmp_path)
     r = potion_cli("explain", "", "--model", run)
     assert r.returncode == 2 and "is empty" in r.stderr
+
+
+def test_train_probe_saves_explain_data_at_each_evaluation(tmp_path, shakespeare):
+    out = tmp_path / "run"
+    small = [f"--set={k}" for k in ("n_layer=1", "n_head=2", "n_embd=16", "context_length=16", "batch_size=4",
+                                     "eval_batches=1", "sample_tokens=0")]
+    r = potion_cli("train", "--data", shakespeare, *small, "--max-steps", 4, "--eval-every", 2, "--probe", "ROMEO:",
+                   "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert [p.step for p in load_probes(out)] == [0, 2, 4]
+    r = potion_cli("train", "--data", shakespeare, *small, "--probe", "x" * 20, "--out", tmp_path / "o2")
+    assert r.returncode == 2 and "--probe text has 20 tokens" in r.stderr and not (tmp_path / "o2").exists()
