@@ -20,6 +20,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .data import Batches, fixed_batches, prepare
 from .errors import PotionError
+from .explain import check_probe, save_probe
 from .generate import generate_tokens
 from .hardware import autocast, matmul_peak_tflops, pick_device, pick_dtype, set_threads
 from .model import GPT
@@ -27,8 +28,9 @@ from .optim import make_optimizer, set_learning_rate
 from .tokenizer import save_tokenizer
 
 # Fields that may differ between a run and its resumption: they change when and how long, not what is learned.
-RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.sample_tokens", "train.device", "train.compile"}
+RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", "train.eval_every",
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.sample_tokens", "train.device",
+                     "train.compile", "train.probe"}
 LOG_EVERY = 10  # steps between loss read-backs from the device (each one is a host sync)
 PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
 
@@ -199,6 +201,8 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
     tokenizer = token_file.tokenizer
     config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
     train_tokens, val_tokens = token_file.split(config.data.val_fraction)
+    if tc.probe:
+        check_probe(tokenizer, tc.probe, config.model.context_length)  # fail now, not after the first evaluation
     T = config.model.context_length
     batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training")
     eval_sets = {
@@ -267,6 +271,8 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
                 if done or time.time() - last_plot >= PLOT_EVERY_SECONDS:
                     plot_losses(run_dir)
                     last_plot = time.time()
+                if tc.probe:  # attention and prediction for one prompt at every evaluation: watch them form
+                    save_probe(ckpt.unwrap(model), tokenizer, tc.probe, run_dir, step)
                 if not quiet:
                     log(f"step {step}: train loss {last_train_loss:.4f}, val loss {last_val:.4f}"
                         f"{' (best)' if improved else ''}")
