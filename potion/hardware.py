@@ -87,6 +87,10 @@ def physical_cores() -> int:
 
 
 def set_threads() -> int:
-    n = physical_cores()
+    """One thread per physical core, unless OMP_NUM_THREADS says otherwise (e.g. on a machine shared with other work)."""
+    try:
+        n = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        n = physical_cores()
     torch.set_num_threads(n)
     return n
