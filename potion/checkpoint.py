@@ -284,6 +284,10 @@ def remove_leftovers(run_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def is_leftover(path: Path) -> bool:
+    return path.name.startswith(".") and ".tmp" in path.name
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():

@@ -194,8 +194,8 @@ def prepare_run_dir(out: Path | None, resume: bool, config: RunConfig) -> tuple[
 
 
 def refuse_existing(out: Path) -> None:
-    """A new run needs an empty (or missing) folder; a lock left by a killed training does not count."""
-    if out.exists() and any(p.name != ckpt.LOCK_NAME for p in out.iterdir()):
+    """A new run needs an empty (or missing) folder; the lock and temporary files of a killed training do not count."""
+    if out.exists() and any(p.name != ckpt.LOCK_NAME and not ckpt.is_leftover(p) for p in out.iterdir()):
         raise PotionError(f"run directory '{out}' already exists; pass --resume to continue it or choose another --out")
 
 

@@ -69,6 +69,11 @@ def train_losses(run_dir):
     return [(r["step"], r["loss"], r["nonfinite_steps"]) for r in rows if r["kind"] == "train"]
 
 
+def latest_step(run_dir):
+    steps = ckpt.complete_checkpoints(run_dir)
+    return int(steps[-1].name.removeprefix("step-")) if steps else -1
+
+
 def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -86,31 +91,34 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(corpus, tmp_pat
 
     run = tmp_path / "killed"
     rng = random.Random(4)
-    kills, kills_after_a_checkpoint = 0, 0
+    kills, kills_after_a_checkpoint, finished = 0, 0, False
     while kills < 6:
         resume = ["--resume"] if (run / "config.json").is_file() else []
         args = [sys.executable, "-m", "potion", "train", "--data", str(corpus),
                 *sum((["--set", s] for s in TINY), []), *map(str, KILL_RUN), "--out", str(run), *resume]
+        before = latest_step(run)
         process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            # torch takes about 2-3 s to import; the kills land from before training starts to well into it
-            process.wait(timeout=rng.uniform(2.0, 5.0))
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
-            kills_after_a_checkpoint += bool(ckpt.complete_checkpoints(run))
+        # The first kill lands at a random moment of start-up; the others a random time after the new process
+        # has written its first checkpoint (on a busy machine start-up alone can take seconds).
+        if kills:
+            while latest_step(run) <= before and process.poll() is None:
+                time.sleep(0.02)
+        time.sleep(rng.uniform(0.5, 2.0) if kills == 0 else rng.uniform(0.0, 0.6))
+        if process.poll() is not None:
+            stderr = process.stderr.read()
             process.stderr.close()
-            continue
-        stderr = process.stderr.read()
+            assert process.returncode == 0, stderr
+            finished = True
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
         process.stderr.close()
-        assert process.returncode == 0, stderr
-        break  # it finished before the next kill
-    assert kills >= 5 and kills_after_a_checkpoint >= 3
-    if not (run / "checkpoints").is_dir() or kills:
+        kills += 1
+        kills_after_a_checkpoint += latest_step(run) > before
+    assert kills >= 5 and kills_after_a_checkpoint >= 4
+    if not finished:
         potion("train", "--data", corpus, *sum((["--set", s] for s in TINY), []), *KILL_RUN, "--out", run,
                *(["--resume"] if (run / "config.json").is_file() else []))
-
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     last = ckpt.complete_checkpoints(run)[-1]
     assert last.name == "step-00000150"
