@@ -91,7 +91,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(corpus, tmp_pat
 
     run = tmp_path / "killed"
     rng = random.Random(4)
-    kills, kills_after_a_checkpoint, finished = 0, 0, False
+    kills, kills_after_a_checkpoint, finished, mid_write = 0, 0, False, 0
     while kills < 6:
         resume = ["--resume"] if (run / "config.json").is_file() else []
         args = [sys.executable, "-m", "potion", "train", "--data", str(corpus),
@@ -114,8 +114,10 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(corpus, tmp_pat
         process.wait()
         process.stderr.close()
         kills += 1
+        mid_write += bool(list((run / "checkpoints").glob(".step-*"))) if (run / "checkpoints").is_dir() else 0
         kills_after_a_checkpoint += latest_step(run) > before
     assert kills >= 5 and kills_after_a_checkpoint >= 4
+    print(f"{kills} kills, {mid_write} during a checkpoint write")
     if not finished:
         potion("train", "--data", corpus, *sum((["--set", s] for s in TINY), []), *KILL_RUN, "--out", run,
                *(["--resume"] if (run / "config.json").is_file() else []))
