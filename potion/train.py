@@ -208,26 +208,10 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
     """Train (or resume) a run; returns the summary that `potion train --json` prints."""
     started = time.time()
     run_dir, config = prepare_run_dir(Path(out) if out else None, resume, config)
-    token_file = prepare(config.data, quiet=quiet)
-    config = replace(config, model=replace(config.model, vocab_size=token_file.tokenizer.vocab_size))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = ckpt.acquire_lock(run_dir)
-    try:
-        if not resume:
-            refuse_existing(run_dir)  # another training may have filled it since the first look
-        ckpt.remove_leftovers(run_dir)
-        return train_locked(config, run_dir, token_file, resume, quiet, started)
-    finally:
-        ckpt.release_lock(lock)
-
-
-def train_locked(config: RunConfig, run_dir: Path, token_file, resume: bool, quiet: bool, started: float) -> dict:
     tc = config.train
     device = pick_device(tc.device)
-    dtype = pick_dtype(tc.dtype, device)
-    threads = set_threads() if device.type == "cpu" else torch.get_num_threads()
-
-    tokenizer = token_file.tokenizer
+    token_file = prepare(config.data, quiet=quiet)
+    config = replace(config, model=replace(config.model, vocab_size=token_file.tokenizer.vocab_size))
     train_tokens, val_tokens = token_file.split(config.data.val_fraction)
     T = config.model.context_length
     batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training")
@@ -235,6 +219,24 @@ def train_locked(config: RunConfig, run_dir: Path, token_file, resume: bool, qui
         "train": fixed_batches(train_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 1, "training"),
         "val": fixed_batches(val_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 2, "validation"),
     }
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+    lock = ckpt.acquire_lock(run_dir)
+    try:
+        if not resume:
+            refuse_existing(run_dir)  # another training may have filled it since the first look
+        ckpt.remove_leftovers(run_dir)
+        return train_locked(config, run_dir, device, token_file.tokenizer, batches, eval_sets, len(train_tokens),
+                            resume, quiet, started)
+    finally:
+        ckpt.release_lock(lock)
+
+
+def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokenizer, batches: Batches, eval_sets: dict,
+                 n_train_tokens: int, resume: bool, quiet: bool, started: float) -> dict:
+    tc = config.train
+    dtype = pick_dtype(tc.dtype, device)
+    threads = set_threads() if device.type == "cpu" else torch.get_num_threads()
+    T = config.model.context_length
 
     ckpt.write_config(run_dir, config)
     if not (run_dir / "tokenizer.json").is_file():
@@ -264,7 +266,7 @@ def train_locked(config: RunConfig, run_dir: Path, token_file, resume: bool, qui
         log(f"potion: {run_dir} has no checkpoint yet; starting it from step 0")
     run_log = RunLog(run_dir / "log.jsonl", keep_through_step=step if resume else None)
     if not quiet:
-        log(f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {len(train_tokens):,} training tokens, "
+        log(f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {n_train_tokens:,} training tokens, "
             f"device {device.type}, {str(dtype).removeprefix('torch.')}, {threads} threads -> {run_dir}")
 
     compiled = model
