@@ -12,6 +12,7 @@ import math
 import torch
 
 from .config import TrainConfig
+from .hardware import cpu_has_fast_bf16
 
 
 def learning_rate_at(step: int, config: TrainConfig, peak: float | None = None) -> float:
@@ -67,12 +68,18 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str
         fused=fused or None
     )]
     if muon_params:
-        muon_class = getattr(torch.optim, "Muon", None) or Muon
+        muon_class = Muon if muon_needs_fp32(device_type) else getattr(torch.optim, "Muon", None) or Muon
         muon = muon_class(muon_params, lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95)
         for g in muon.param_groups:
             g["peak_lr"] = config.muon_lr
         optimizers.append(muon)
     return optimizers
+
+
+def muon_needs_fp32(device_type: str) -> bool:
+    """torch.optim.Muon orthogonalises in bf16, which is hundreds of times slower than fp32 on CPUs without
+    bf16 hardware; there our own Muon, which stays in fp32, is used instead."""
+    return device_type == "cpu" and not cpu_has_fast_bf16()
 
 
 def orthogonalise(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:

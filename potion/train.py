@@ -30,6 +30,7 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", 
                      "train.keep_checkpoints", "train.sample_tokens", "train.device", "train.compile",
                      "train.max_nonfinite_steps"}
 LOG_EVERY = 10  # steps between loss read-backs from the device (each one is a host sync)
+PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
 
 
 def log(message: str) -> None:
@@ -284,6 +285,7 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
     bar = tqdm(total=tc.max_steps, initial=step, disable=quiet, dynamic_ncols=True, file=sys.stderr, unit="step")
     last_train_loss, last_val = math.nan, math.nan
     window_start, speed = time.time(), 0.0
+    last_plot = 0.0
     first_step, train_seconds = step, 0.0  # train_seconds: time in training steps only, evaluation excluded
     nonfinite_run = 0  # non-finite steps in a row; while > 0 nothing is checkpointed
     stop_requested = install_interrupt_handler()
@@ -303,7 +305,9 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
                 run_log.write(kind="eval", step=step, tokens=tokens_seen, train_loss=last_train_loss,
                               val_loss=last_val, best_val_loss=best_val, nonfinite_steps=nonfinite_total,
                               elapsed=round(time.time() - started, 3), train_seconds=round(train_seconds, 3))
-                plot_losses(run_dir)
+                if done or time.time() - last_plot >= PLOT_EVERY_SECONDS:
+                    plot_losses(run_dir)
+                    last_plot = time.time()
                 if not quiet:
                     log(f"step {step}: train loss {last_train_loss:.4f}, val loss {last_val:.4f}"
                         f"{' (best)' if improved else ''}")

@@ -1,0 +1,97 @@
+"""Generation speed at batch 1: prefill tokens/s, and decode tokens/s with the KV cache and without it.
+
+Without the cache every new token reruns the whole context (what a model with no cache must do); with it, a
+token costs one position. Decoding is timed over the last --decode tokens before the context is full, so each
+new token sees about --context earlier ones in both cases. The model has random weights of a preset's shape
+(speed does not depend on what it learned).
+
+Usage (from the project root):
+    python benchmarks/generate_speed.py --preset shakespeare-char --context 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from machine import emit, machine_info  # noqa: E402
+
+from potion.config import load_preset  # noqa: E402
+from potion.generate import decode_one_token, prefill  # noqa: E402
+from potion.hardware import pick_device, set_threads  # noqa: E402
+from potion.model import GPT  # noqa: E402
+
+
+@torch.inference_mode()
+def decode_seconds(model, prompt: torch.Tensor, n_new: int, use_cache: bool) -> float:
+    """Seconds per new token, greedy, after a prompt that leaves room for n_new tokens."""
+    if use_cache:
+        cache = model.new_cache(1)
+        logits = prefill(model, prompt, cache)
+    else:
+        logits = model(prompt)[:, -1]
+    history = prompt
+    started = time.perf_counter()
+    for _ in range(n_new):
+        token = logits.argmax(-1)
+        if use_cache:
+            logits = decode_one_token(model, token, cache)
+        else:
+            history = torch.cat((history, token[:, None]), dim=1)
+            logits = model(history)[:, -1]
+    float(logits[0, 0])  # wait for the device
+    return (time.perf_counter() - started) / n_new
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="shakespeare-char")
+    ap.add_argument("--context", type=int, default=256, help="tokens of context when decoding")
+    ap.add_argument("--decode", type=int, default=32, help="tokens decoded per repetition")
+    ap.add_argument("--vocab-size", type=int, default=65)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+
+    device = pick_device(args.device)
+    threads = set_threads() if device.type == "cpu" else torch.get_num_threads()
+    shape = load_preset(args.preset).model
+    config = type(shape)(**{**shape.__dict__, "vocab_size": args.vocab_size, "dropout": 0.0,
+                            "context_length": max(shape.context_length, args.context)})
+    model = GPT(config).to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(args.vocab_size, (1, args.context - args.decode), generator=gen).to(device)
+    full = torch.randint(args.vocab_size, (1, args.context), generator=gen).to(device)
+
+    @torch.inference_mode()
+    def prefill_seconds():
+        started = time.perf_counter()
+        float(prefill(model, full, model.new_cache(1))[0, 0])
+        return time.perf_counter() - started
+
+    prefill_seconds()  # warm-up
+    prefill_s = statistics.median(prefill_seconds() for _ in range(args.reps))
+    cached = statistics.median(decode_seconds(model, prompt, args.decode, True) for _ in range(args.reps))
+    uncached = statistics.median(decode_seconds(model, prompt, args.decode, False) for _ in range(args.reps))
+    emit({
+        "benchmark": "generate_speed", "preset": args.preset, "machine": machine_info(device), "dtype": "float32",
+        "threads": threads, "parameters": model.num_parameters(), "batch": 1, "context": args.context,
+        "prefill_tokens_per_second": round(args.context / prefill_s, 1),
+        "decode_tokens_per_second_cached": round(1 / cached, 1),
+        "decode_tokens_per_second_uncached": round(1 / uncached, 1),
+        "cache_speedup": round(uncached / cached, 2),
+        "load_avg_1m_end": round(os.getloadavg()[0], 2),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Time to quality: wall-clock seconds until the validation loss first reaches a target, from a cold start.
+
+The reference (benchmarks/reference_gpt.py in its default CPU recipe: 4 layers, 4 heads, 128 wide, 64 context,
+batch 12, fp32, AdamW lr 1e-3, 2,000 steps, evaluated every 50 steps) runs first, to --reference-target; then
+potion's trainer runs a preset to --target, stopping there (train.stop_at_loss), evaluating every --eval-every
+steps. Both clocks include evaluation and start-up (potion's: tokenizing, model build, compile if on), so the
+figure is what a person waits. Both validate on fixed batches from the last 10% of Tiny Shakespeare.
+
+Usage (from the project root):
+    python benchmarks/time_to_loss.py --preset tiny --target 1.88
+    python benchmarks/time_to_loss.py --preset shakespeare-fast --target 1.50 --no-reference --eval-every 250
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from chardata import DEFAULT_DATA  # noqa: E402
+from machine import emit, machine_info  # noqa: E402
+
+from potion.config import resolve  # noqa: E402
+from potion.hardware import pick_device, pick_dtype  # noqa: E402
+from potion.train import train  # noqa: E402
+
+
+def reference_time_to_loss(target: float, threads: int) -> dict:
+    cmd = [sys.executable, str(HERE / "reference_gpt.py"), "--mode", "time-to-loss", "--target", str(target),
+           "--threads", str(threads), "--stop-at-target"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def potion_time_to_loss(preset: str, target: float, eval_every: int, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = resolve(preset, None, [f"data={DEFAULT_DATA}", f"eval_every={eval_every}", "sample_tokens=0",
+                                        f"stop_at_loss={target}", *overrides])
+        launched = time.time()
+        summary = train(config, out=Path(tmp) / "run", quiet=True)
+        wall = time.time() - launched
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    hit = next((r for r in evals if r["val_loss"] <= target), None)
+    return config, {
+        "reached_target": hit is not None,
+        "step_to_target": hit and hit["step"],
+        "tokens_to_target": hit and hit["tokens"],
+        "seconds_to_target_wall": hit and hit["elapsed"],
+        "seconds_to_target_train": hit and hit["train_seconds"],
+        "best_val_loss": round(min(r["val_loss"] for r in evals), 4),
+        "steps_run": summary["steps"], "wall_seconds_total": round(wall, 2),
+        "evaluations": [(r["step"], round(r["val_loss"], 4), r["elapsed"]) for r in evals],
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--target", type=float, default=1.88)
+    ap.add_argument("--reference-target", type=float, default=1.90)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for potion's run")
+    ap.add_argument("--no-reference", action="store_true")
+    args = ap.parse_args(argv)
+
+    config, result = potion_time_to_loss(args.preset, args.target, args.eval_every, args.set)
+    device = pick_device(config.train.device)
+    m, t = config.model, config.train
+    record = {"benchmark": "time_to_loss", "preset": args.preset, "overrides": args.set,
+              "machine": machine_info(device), "dtype": str(pick_dtype(t.dtype, device)).removeprefix("torch."),
+              "threads": torch.get_num_threads(), "target": args.target,
+              "shape": f"{m.n_layer}L/{m.n_head}H/{m.n_embd}, context {m.context_length}, batch {t.batch_size}",
+              "optimizer": t.optimizer, "compile": t.compile, **{f"potion_{k}": v for k, v in result.items()}}
+    if not args.no_reference:
+        ref = reference_time_to_loss(args.reference_target, torch.get_num_threads())
+        record.update(reference_target=args.reference_target, reference_reached=ref["reached_target"],
+                      reference_seconds_to_target_wall=ref["seconds_to_target_wall"],
+                      reference_step_to_target=ref["step_to_target"],
+                      reference_best_val_loss=ref["best_val_loss"])
+        if result["reached_target"] and ref["reached_target"]:
+            record["speedup"] = round(ref["seconds_to_target_wall"] / result["seconds_to_target_wall"], 2)
+    record["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    emit(record)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Training throughput of potion's own trainer against the plain reference GPT, in the same run.
+
+For each preset: the reference (benchmarks/reference_gpt.py: fp32, eager, AdamW, the same shape, batch and
+dropout) is timed first, then `potion.train.train` itself runs the preset as a user gets it (its dtype, compile
+setting, threads and optimizer). potion logs tokens/s every 10 steps; the first window (allocator growth,
+compilation) is dropped and the median of the rest is reported, with MFU against the matmul peak of the dtype
+potion picked, measured in this run.
+
+Usage (from the project root):
+    python benchmarks/train_speed.py --preset shakespeare-char --steps 30
+    python benchmarks/train_speed.py --preset tiny --preset shakespeare-fast --set compile=on
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from chardata import DEFAULT_DATA  # noqa: E402
+from machine import emit, machine_info, matmul_peak_tflops  # noqa: E402
+
+from potion.config import resolve  # noqa: E402
+from potion.hardware import pick_device, pick_dtype  # noqa: E402
+from potion.train import LOG_EVERY, train  # noqa: E402
+
+
+def train_flops_per_token(params: int, n_layer: int, n_embd: int, context: int) -> float:
+    """Forward + backward: 6 per parameter, plus causal attention (q.k and the weighted sum of values)."""
+    return 6 * params + 6 * n_layer * n_embd * context
+
+
+def reference_speed(model_config, batch: int, steps: int, threads: int) -> dict:
+    cmd = [sys.executable, str(HERE / "reference_gpt.py"), "--mode", "speed", "--steps", str(steps),
+           "--threads", str(threads), "--n-layer", str(model_config.n_layer), "--n-head", str(model_config.n_head),
+           "--n-embd", str(model_config.n_embd), "--context", str(model_config.context_length),
+           "--batch", str(batch), "--dropout", str(model_config.dropout)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def potion_speed(preset: str, overrides: list[str], steps: int) -> dict:
+    """Run potion's trainer for `steps` steps with no evaluation in between; read its logged tokens/s windows."""
+    steps = max(steps, 3 * LOG_EVERY)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = resolve(preset, None, [f"data={DEFAULT_DATA}", f"max_steps={steps}", f"eval_every={steps}",
+                                        "eval_batches=1", "sample_tokens=0", "max_time=0", *overrides])
+        summary = train(config, out=Path(tmp) / "run", quiet=True)
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
+    windows = [r["tokens_per_second"] for r in rows if r["kind"] == "train"][1:]
+    return config, summary, windows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", action="append", help="preset(s) to measure (default: shakespeare-char)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for potion's run")
+    ap.add_argument("--steps", type=int, default=30, help="potion steps (10 per logged window; the first is dropped)")
+    ap.add_argument("--reference-steps", type=int, default=10)
+    ap.add_argument("--no-reference", action="store_true")
+    args = ap.parse_args(argv)
+
+    for preset in args.preset or ["shakespeare-char"]:
+        config, summary, windows = potion_speed(preset, args.set, args.steps)
+        device = pick_device(config.train.device)
+        dtype = pick_dtype(config.train.dtype, device)
+        threads = torch.get_num_threads()
+        m = config.model
+        tokens_per_second = statistics.median(windows)
+        flops = train_flops_per_token(summary["parameters"], m.n_layer, m.n_embd, m.context_length)
+        peak = matmul_peak_tflops(device, dtype)
+        record = {
+            "benchmark": "train_speed", "preset": preset, "overrides": args.set, "machine": machine_info(device),
+            "dtype": str(dtype).removeprefix("torch."), "threads": threads, "compile": config.train.compile,
+            "optimizer": config.train.optimizer, "parameters": summary["parameters"],
+            "batch": config.train.batch_size, "context": m.context_length, "dropout": m.dropout,
+            "potion_tokens_per_second": round(tokens_per_second, 1),
+            "potion_windows_tokens_per_second": windows,
+            "potion_tflops": round(flops * tokens_per_second / 1e12, 4),
+            f"matmul_peak_tflops_{str(dtype).removeprefix('torch.')}": round(peak, 4),
+            "potion_mfu": round(flops * tokens_per_second / 1e12 / peak, 4),
+        }
+        if not args.no_reference:
+            ref = reference_speed(m, config.train.batch_size, args.reference_steps, threads)
+            record.update(reference_tokens_per_second=ref["tokens_per_second"],
+                          reference_ms_per_step=ref["ms_per_step"],
+                          speedup=round(tokens_per_second / ref["tokens_per_second"], 2))
+        record["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+        emit(record)
+
+
+if __name__ == "__main__":
+    main()

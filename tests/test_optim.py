@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from potion import optim
+from potion.config import ModelConfig, TrainConfig
+from potion.model import GPT
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    tc = TrainConfig(learning_rate=1e-3, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
+    rates = [optim.learning_rate_at(s, tc) for s in range(101)]
+    assert rates[0] == pytest.approx(1e-4)
+    assert rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert rates[100] == pytest.approx(1e-4)
+
+
+def test_wsd_schedule_is_flat_then_decays_linearly():
+    tc = TrainConfig(learning_rate=1e-3, warmup_steps=0, max_steps=100, schedule="wsd", decay_fraction=0.2,
+                     min_lr_ratio=0.0)
+    assert optim.learning_rate_at(50, tc) == optim.learning_rate_at(79, tc) == pytest.approx(1e-3)
+    assert optim.learning_rate_at(90, tc) == pytest.approx(5e-4)
+    assert optim.learning_rate_at(100, tc) == pytest.approx(0.0)
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=2, n_embd=8))
+    decay, no_decay = optim.parameter_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_orthogonalise_pushes_singular_values_towards_one():
+    g = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) * 5
+    singular = torch.linalg.svdvals(optim.orthogonalise(g))
+    assert singular.min() > 0.5 and singular.max() < 1.5
+
+
+def test_muon_stays_in_fp32_on_a_cpu_without_bf16_hardware(monkeypatch):
+    monkeypatch.setattr(optim, "cpu_has_fast_bf16", lambda: False)
+    model = GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=2, n_embd=8))
+    adamw, muon = optim.make_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
+    assert isinstance(muon, optim.Muon)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert muon_ids == {id(p) for p in optim.hidden_matrices(model)}
+    assert not muon_ids & {id(p) for g in adamw.param_groups for p in g["params"]}
+
+
+def test_our_muon_lowers_a_loss():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, 16))
+    target = torch.randn(16, 16)
+    opt = optim.Muon([w], lr=0.05)
+    start = float(((w.detach() - target) ** 2).mean())
+    for _ in range(50):
+        loss = ((w - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(((w.detach() - target) ** 2).mean()) < 0.5 * start
