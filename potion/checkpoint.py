@@ -246,9 +246,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizers, state: dict, rn
         fsync_dir(root)
     except (OSError, PotionError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, PotionError):
+        cause = e.__cause__ if isinstance(e, PotionError) else e
+        if not isinstance(cause, (OSError, SafetensorError)):
             raise
-        raise write_failed(final, e) from e
+        raise write_failed(final, cause) from cause  # name the checkpoint, not its temporary folder
     for old in prunable(complete_checkpoints(run_dir), keep):
         _remove(old)
     return final

@@ -255,7 +255,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(corpus, tmp_path, 
                  "--eval-every", "5", "--out", str(run), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err
-    assert err.startswith("potion: error: could not write") and "No space left on device" in err, err
+    assert err == (f"potion: error: could not write '{run / 'checkpoints' / 'step-00000010'}' (No space left on "
+                   "device); the files written before are intact; free some disk space and resume"), err
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-00000000", "step-00000005"]
     assert ckpt.checkpoint_problem(run / "checkpoints" / "step-00000005") is None
     assert not list((run / "checkpoints").glob(".*")) and not (run / ckpt.LOCK_NAME).exists()
