@@ -30,14 +30,11 @@ sys.path.insert(0, str(HERE.parent))
 from chardata import DEFAULT_DATA  # noqa: E402
 from machine import emit, machine_info, matmul_peak_tflops  # noqa: E402
 
+from potion.checkpoint import read_config  # noqa: E402
 from potion.config import resolve  # noqa: E402
 from potion.hardware import pick_device, pick_dtype  # noqa: E402
+from potion.model import GPT  # noqa: E402
 from potion.train import LOG_EVERY, train  # noqa: E402
-
-
-def train_flops_per_token(params: int, n_layer: int, n_embd: int, context: int) -> float:
-    """Forward + backward: 6 per parameter, plus causal attention (q.k and the weighted sum of values)."""
-    return 6 * params + 6 * n_layer * n_embd * context
 
 
 def reference_speed(model_config, batch: int, steps: int, threads: int) -> dict:
@@ -56,6 +53,7 @@ def potion_speed(preset: str, overrides: list[str], steps: int) -> dict:
         config = resolve(preset, None, [f"data={DEFAULT_DATA}", f"max_steps={steps}", f"eval_every={steps}",
                                         "eval_batches=1", "sample_tokens=0", "max_time=0", *overrides])
         summary = train(config, out=Path(tmp) / "run", quiet=True)
+        config = read_config(Path(tmp) / "run")  # with the vocabulary size filled in
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
     windows = [r["tokens_per_second"] for r in rows if r["kind"] == "train"][1:]
     return config, summary, windows
@@ -77,7 +75,7 @@ def main(argv=None) -> None:
         threads = torch.get_num_threads()
         m = config.model
         tokens_per_second = statistics.median(windows)
-        flops = train_flops_per_token(summary["parameters"], m.n_layer, m.n_embd, m.context_length)
+        flops = GPT(m).training_flops_per_token()
         peak = matmul_peak_tflops(device, dtype)
         record = {
             "benchmark": "train_speed", "preset": preset, "overrides": args.set, "machine": machine_info(device),

@@ -3,9 +3,10 @@
 from .checkpoint import load
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import PotionError
+from .explain import Explanation, explain
 from .generate import SamplingConfig, generate_text
 from .model import GPT
 
-__all__ = ["GPT", "DataConfig", "ModelConfig", "PotionError", "RunConfig", "SamplingConfig", "TrainConfig",
-           "generate_text", "load"]
+__all__ = ["GPT", "DataConfig", "Explanation", "ModelConfig", "PotionError", "RunConfig", "SamplingConfig", "TrainConfig",
+           "explain", "generate_text", "load"]
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ def cmd_train(args) -> int:
     overrides = list(args.set)
     for flag, key in (("data", "data.data"), ("max_steps", "train.max_steps"), ("max_time", "train.max_time"),
                       ("eval_every", "train.eval_every"), ("checkpoint_every", "train.checkpoint_every"),
-                      ("device", "train.device"), ("seed", "train.seed")):
+                      ("device", "train.device"), ("seed", "train.seed"), ("probe", "train.probe")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -101,6 +101,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .checkpoint import latest_run, load
+    from .explain import explain, load_probes, save_json
+    from .explain_text import render_text, use_color
+
+    run_dir = Path(args.model) if args.model else latest_run()
+    model, tokenizer = load(run_dir)
+    e = explain(model, args.prompt, tokenizer, token=args.token, layer=args.layer, head=args.head, top_k=args.top_k,
+                expect=args.expect)
+    written = []
+    if args.json:
+        save_json(e, args.json)
+        written.append(args.json)
+    if args.html:
+        from .explain_html import save_html
+
+        save_html(e, args.html, probes=load_probes(run_dir))
+        written.append(args.html)
+    if args.png:
+        from .explain_plot import save_png
+
+        save_png(e, args.png)
+        written.append(args.png)
+    sys.stdout.write(render_text(e, color=use_color(sys.stdout)))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .config import load_preset, preset_names
 
@@ -128,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--seed", type=int)
+    t.add_argument("--probe", metavar="TEXT", help="save the explain data for TEXT at every evaluation (RUN/probes/step-N.json)")
     t.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     t.add_argument("--quiet", action="store_true", help="no progress bar or samples")
     t.set_defaults(func=cmd_train)
@@ -150,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="text to evaluate on (default: the model's validation split)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("explain", help="look inside one prediction: attention, logit lens, what mattered")
+    x.add_argument("prompt", help="the text whose next-token prediction is explained")
+    x.add_argument("--model", help="run directory (default: the latest under ./runs)")
+    x.add_argument("--token", type=int, default=-1, metavar="INDEX",
+                   help="the token whose attention is explained, 0-based (default: -1, the last)")
+    x.add_argument("--layer", type=int, metavar="L", help="the layer shown in detail, 0-based (default: the last)")
+    x.add_argument("--head", type=int, metavar="H", help="the head shown in detail, 0-based (default: the most focused)")
+    x.add_argument("--top-k", type=int, default=5, metavar="K", help="candidates and keys listed (default: 5)")
+    x.add_argument("--expect", metavar="TEXT", help="the continuation you expected: its rank, and what mattered for it")
+    x.add_argument("--html", metavar="FILE", help="write one self-contained page (works offline)")
+    x.add_argument("--png", metavar="FILE", help="write attention heatmaps as a PNG image")
+    x.add_argument("--json", metavar="FILE", help="write all the numbers as JSON")
+    x.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(func=cmd_presets)

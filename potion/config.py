@@ -110,6 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = at every evaluation
     keep_checkpoints: int = 2
     sample_tokens: int = 200  # length of the sample printed at each evaluation; 0 = none
+    probe: str = ""  # a prompt whose explain data is saved at each evaluation (run_dir/probes/); "" = none
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | bf16 | fp32

@@ -86,6 +86,29 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or available, available))
 
 
+@functools.lru_cache(maxsize=4)
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured TFLOP/s of a square matmul in this dtype: the yardstick for model FLOPs utilisation (MFU).
+
+    A quick measurement (well under a second) at a size that fills the device without taking long; the
+    benchmarks measure more carefully.
+    """
+    import time
+
+    n = 4096 if device.type == "cuda" else 1024
+    generator = torch.Generator().manual_seed(0)  # its own: the global RNG belongs to training (exact resume)
+    a = torch.randn(n, n, generator=generator).to(device, dtype)
+    b = torch.randn(n, n, generator=generator).to(device, dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e12
+
+
 def set_threads() -> int:
     """One thread per physical core, unless OMP_NUM_THREADS says otherwise (e.g. on a machine shared with other work)."""
     try:

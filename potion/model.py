@@ -215,6 +215,13 @@ class GPT(nn.Module):
             n -= self.position_embedding.weight.numel()
         return n
 
+    def training_flops_per_token(self) -> int:
+        """Forward + backward: 6 per weight a token is multiplied by (blocks and head; embeddings are lookups),
+        plus causal attention's q.k and weighted sum of values."""
+        c = self.config
+        multiplied = sum(p.numel() for p in self.blocks.parameters()) + self.head.weight.numel()
+        return 6 * multiplied + 6 * c.n_layer * c.n_embd * c.context_length
+
     def forward(self, idx, targets=None, cache: KVCache | None = None, trace: list | None = None):
         """idx: (B, T) token ids. Returns logits (B, T, V), and the mean cross-entropy if targets are given.
 

@@ -20,15 +20,16 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .data import Batches, fixed_batches, prepare
 from .errors import PotionError
+from .explain import check_probe, save_probe
 from .generate import generate_tokens
-from .hardware import autocast, pick_device, pick_dtype, set_threads
+from .hardware import autocast, matmul_peak_tflops, pick_device, pick_dtype, set_threads
 from .model import GPT
 from .optim import make_optimizer, set_learning_rate
 
 # Fields that may differ between a run and its resumption: they change when and how long, not what is learned.
-RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.sample_tokens", "train.device", "train.compile",
-                     "train.max_nonfinite_steps"}
+RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", "train.eval_every",
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.sample_tokens", "train.device",
+                     "train.compile", "train.probe", "train.max_nonfinite_steps"}
 LOG_EVERY = 10  # steps between loss read-backs from the device (each one is a host sync)
 PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
 
@@ -214,6 +215,8 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
     token_file = prepare(config.data, quiet=quiet)
     config = replace(config, model=replace(config.model, vocab_size=token_file.tokenizer.vocab_size))
     train_tokens, val_tokens = token_file.split(config.data.val_fraction)
+    if tc.probe:
+        check_probe(token_file.tokenizer, tc.probe, config.model.context_length)  # fail now, not after the first evaluation
     T = config.model.context_length
     batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training")
     eval_sets = {
@@ -282,6 +285,8 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
                  "log_window": [float(loss_sum), window_steps, window_finite, window_nonfinite]}
         last_saved = ckpt.save_checkpoint(run_dir, step, model, optimizers, state, tensor_rng, tc.keep_checkpoints)
 
+    # model FLOPs utilisation: the model's useful arithmetic per second over the matmul peak measured here
+    flops_per_token, peak_tflops = model.training_flops_per_token(), matmul_peak_tflops(device, dtype)
     bar = tqdm(total=tc.max_steps, initial=step, disable=quiet, dynamic_ncols=True, file=sys.stderr, unit="step")
     last_train_loss, last_val = math.nan, math.nan
     window_start, speed = time.time(), 0.0
@@ -308,6 +313,8 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
                 if done or time.time() - last_plot >= PLOT_EVERY_SECONDS:
                     plot_losses(run_dir)
                     last_plot = time.time()
+                if tc.probe:  # attention and prediction for one prompt at every evaluation: watch them form
+                    save_probe(ckpt.unwrap(model), tokenizer, tc.probe, run_dir, step)
                 if not quiet:
                     log(f"step {step}: train loss {last_train_loss:.4f}, val loss {last_val:.4f}"
                         f"{' (best)' if improved else ''}")
@@ -365,9 +372,11 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
                 batch_loss = float(loss_sum) / window_finite if window_finite else None
                 now = time.time()
                 speed = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                mfu = speed * flops_per_token / 1e12 / peak_tflops
                 run_log.write(kind="train", step=step, loss=batch_loss, lr=lr, nonfinite_steps=window_nonfinite,
-                              tokens_per_second=round(speed))
-                postfix = {"loss": "nan" if batch_loss is None else f"{batch_loss:.3f}", "tok/s": f"{speed:,.0f}"}
+                              tokens_per_second=round(speed), mfu=round(mfu, 4))
+                postfix = {"loss": "nan" if batch_loss is None else f"{batch_loss:.3f}", "tok/s": f"{speed:,.0f}",
+                           "MFU": f"{100 * mfu:.0f}%"}
                 if tc.max_time > 0:
                     postfix["left"] = f"{max(tc.max_time - (now - started), 0):.0f}s"
                 bar.set_postfix(postfix, refresh=False)

@@ -1,0 +1,676 @@
+"""Look inside one prediction: the data behind `potion explain`.
+
+explain(model, tokenizer, prompt) runs the prompt once through the model's explicit attention path
+(GPT.forward(idx, trace=[])) and gathers, for one focus token (default: the last):
+
+  - the next-token prediction (top-k, and the rank of an expected token);
+  - its attention in every layer and head: the earlier tokens ranked by weight, with the raw q.k, the scaled
+    score, the softmax weight and the size of what each key passes on (|value|), plus a worked example;
+  - the logit lens: what the model would predict if it stopped after each layer;
+  - what mattered for the target token: occlusion (drop one earlier token, run again) and direct logit
+    attribution (the logit as a sum of what each head, MLP and embedding wrote into the residual stream);
+  - checks that the numbers are the model's own (rows sum to 1, heads -> proj == attn_out, the logits equal
+    the ones generation uses).
+
+Everything lands in one frozen, JSON-serialisable Explanation; the renderers (explain_text, explain_html,
+explain_plot) only read it. Numbering is 0-based throughout, like the code: token 0, layer 0, head 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PotionError
+
+FORMAT = "potion-explain/1"
+WORKED_ENTRIES = 4  # vector entries spelled out in the worked example; the rest are summed as "more terms"
+MATRIX_BUDGET = 200_000  # numbers (weights + scores) in the all-tokens attention matrices; beyond it: focus only
+NEXT_BY_POSITION = 3  # candidates kept for every position's own next-token guess (when matrices are included)
+OCCLUSION_BATCH = 32  # sequences per forward pass when dropping tokens one at a time
+EXP_LIMIT = 80.0  # the worked example shows plain exp(score) unless a scaled score is this large
+
+ATTENTION_CAVEAT = ("Attention weights show where each token read from, not by themselves why the model predicts "
+                    "what it does: values, MLPs and later layers transform what is read.")
+LOGIT_ATTRIBUTION_NOTE = ("Direct logit attribution freezes the final norm's scale at its value in this forward pass, "
+                          "so the logit becomes a sum of parts; each part is only the direct effect of what that "
+                          "head, MLP or embedding wrote into the residual stream (what later layers make of it is "
+                          "counted in those layers).")
+OCCLUSION_NOTE = ("Occlusion deletes one earlier token and runs the prompt again; the tokens after it move one "
+                  "position earlier, so a change can also come from the shifted positions.")
+
+VISIBLE = {" ": "·", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+def visible(text: str) -> str:
+    """Token text with its boundaries made visible: a space is ·, a newline ↵, other control characters ␀-style."""
+    return "".join(VISIBLE.get(c, chr(0x2400 + ord(c)) if ord(c) < 0x20 else c) for c in text)
+
+
+# ---------------------------------------------------------------- the data
+
+
+@dataclass(frozen=True)
+class Token:
+    index: int
+    id: int
+    text: str
+    label: str  # the text with spaces as · and newlines as ↵
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One possible next token."""
+
+    id: int
+    text: str
+    label: str
+    probability: float
+    logit: float
+    rank: int  # 1 = the most likely
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The token the user expected next (--expect): its first token, wherever it ranks."""
+
+    text: str  # as given
+    candidate: Candidate
+    tokens_in_text: int  # the expected text may be several tokens; only the first is scored
+    in_top_k: bool
+
+
+@dataclass(frozen=True)
+class KeyWeight:
+    """One earlier token (key) as seen by the focus token's query in one head."""
+
+    index: int
+    label: str
+    score: float  # raw q.k
+    scaled_score: float  # q.k / sqrt(head_dim)
+    weight: float  # softmax of the scaled scores over the visible keys
+    value_norm: float  # |v|: how much this token passes on in this head
+    weighted_value_norm: float  # weight * |v|
+
+
+@dataclass(frozen=True)
+class WorkedExample:
+    """The attention formula by hand for the focus token's query and its most-attended key."""
+
+    query_index: int
+    key_index: int
+    head_dim: int
+    query_entries: tuple[float, ...]  # the first WORKED_ENTRIES entries of q
+    key_entries: tuple[float, ...]
+    products: tuple[float, ...]  # q_i * k_i for the entries shown
+    rest_of_dot_product: float  # the sum of the remaining head_dim - shown products
+    dot_product: float  # the whole q.k, recomputed here from the vectors
+    score: float  # the q.k the model computed (equal up to rounding)
+    scale: float  # sqrt(head_dim)
+    scaled_score: float
+    shift: float  # 0, or the row's largest scaled score when exp would overflow (the weights do not change)
+    exp_score: float  # exp(scaled_score - shift)
+    exp_sum: float  # the same summed over every visible key
+    weight: float  # exp_score / exp_sum
+    note: str
+
+
+@dataclass(frozen=True)
+class HeadAttention:
+    layer: int
+    head: int
+    weights: tuple[float, ...]  # on every visible key 0..focus, in prompt order
+    keys: tuple[KeyWeight, ...]  # the top-k earlier tokens, most weight first
+    other_weight: float  # weight on the visible keys not listed
+    row_sum: float  # of all visible weights: 1 up to rounding
+    worked: WorkedExample
+
+
+@dataclass(frozen=True)
+class AverageKey:
+    index: int
+    label: str
+    weight: float  # mean over the layer's heads
+    value_norm: float  # mean |v| over the heads
+    weighted_value_norm: float  # mean of weight * |v|
+
+
+@dataclass(frozen=True)
+class HeadAverage:
+    """The mean of one layer's heads: a summary for reading, not something the model computes."""
+
+    layer: int
+    label: str
+    weights: tuple[float, ...]  # mean weight on every visible key 0..focus, in prompt order
+    keys: tuple[AverageKey, ...]
+    other_weight: float
+
+
+@dataclass(frozen=True)
+class LensLayer:
+    """What the model would predict if the residual stream went to the output after this point."""
+
+    after: int  # -1 = after the embeddings, i = after block i
+    name: str
+    top: tuple[Candidate, ...]
+    target_rank: int
+    target_probability: float
+
+
+@dataclass(frozen=True)
+class OcclusionEffect:
+    index: int
+    label: str
+    probability_without: float
+    change: float  # probability_without - probability with every token present
+
+
+@dataclass(frozen=True)
+class LogitPart:
+    name: str
+    kind: str  # token_embedding | position_embedding | head | attention_bias | mlp | norm_bias
+    layer: int  # -1 where it does not belong to a block
+    head: int  # -1 where it is not a head
+    contribution: float
+
+
+@dataclass(frozen=True)
+class LogitAttribution:
+    target: Candidate
+    logit: float  # before any softcap: the part that is a sum
+    parts: tuple[LogitPart, ...]
+    parts_sum: float
+    difference: float  # logit - parts_sum: float rounding only
+    softcap: float  # 0 = none; else the reported logit is softcap * tanh(logit / softcap)
+    note: str
+
+
+@dataclass(frozen=True)
+class AttentionMatrices:
+    """Every token's attention, for pages where a click on any token shows its row.
+
+    weights[layer][head][query] lists the weights on keys 0..query (later keys are masked); scores likewise holds
+    the raw q.k; value_norms[layer][head][token] is |v|.
+    """
+
+    weights: tuple[tuple[tuple[tuple[float, ...], ...], ...], ...]
+    scores: tuple[tuple[tuple[tuple[float, ...], ...], ...], ...]
+    value_norms: tuple[tuple[tuple[float, ...], ...], ...]
+    next_by_position: tuple[tuple[Candidate, ...], ...]  # each position's own top guesses for the next token
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Evidence that the numbers are the model's own; each is a largest absolute difference."""
+
+    row_sum: float  # |sum of a weight row - 1|, every layer, head and token
+    heads_to_attention_output: float  # sum over heads of context_h @ W_proj_h + bias vs the block's attn_out
+    parts_to_residual: float  # embeddings + every attention and MLP output vs the final residual stream
+    logits_vs_generate: float  # these logits vs potion.generate.prefill on a KV cache
+    lens_last_vs_logits: float  # the lens after the last block vs the real logits
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    n_layer: int
+    n_head: int
+    head_dim: int
+    n_embd: int
+    context_length: int
+    positions: str
+    norm: str
+    tokenizer: str
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Explanation:
+    format: str
+    prompt: str
+    model: ModelSummary
+    tokens: tuple[Token, ...]
+    focus: int  # the token whose attention and next-token prediction are explained
+    layer: int  # the layer and head the renderers show first
+    head: int
+    top_k: int
+    prediction: tuple[Candidate, ...]  # what comes after the focus token
+    expected: Expected | None
+    target: Candidate  # the token "what mattered" is about: the expected one, else the top prediction
+    target_reason: str
+    masked: tuple[int, ...]  # positions after the focus token: hidden from it by the causal mask
+    heads: tuple[HeadAttention, ...]  # layer-major: heads[layer * n_head + head]
+    head_averages: tuple[HeadAverage, ...]
+    lens: tuple[LensLayer, ...]
+    target_enters_top_k: str  # the lens row where the target first enters the top-k and stays ("" = never)
+    occlusion: tuple[OcclusionEffect, ...]
+    attribution: LogitAttribution
+    matrices: AttentionMatrices | None  # None when the prompt is too long to include every token's rows
+    matrices_note: str
+    checks: Checks
+    notes: tuple[str, ...]
+    step: int | None = None  # the training step, for probes saved during training
+
+    def head_attention(self, layer: int, head: int) -> HeadAttention:
+        return self.heads[layer * self.model.n_head + head]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "explanation") -> "Explanation":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise PotionError(f"{source} is not potion explain data (expected format {FORMAT!r})")
+        try:
+            return _build(cls, d)
+        except (TypeError, KeyError, ValueError) as e:
+            raise PotionError(f"{source} is damaged or from another potion version ({e})") from None
+
+
+def _build(tp, value):
+    """Rebuild a (nested) dataclass from what to_dict wrote, following the field types."""
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return tp(**{f.name: _build(hints[f.name], value[f.name]) for f in dataclasses.fields(tp) if f.name in value})
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _build(next(a for a in args if a is not type(None)), value)
+    if origin is tuple:
+        return tuple(_build(args[0], v) for v in value)
+    if tp is float:
+        return float(value)
+    return value
+
+
+def load_json(path: str | Path) -> Explanation:
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PotionError(f"cannot read explain data '{p}' ({e})") from None
+    return Explanation.from_dict(d, f"'{p}'")
+
+
+# ---------------------------------------------------------------- the forward pass
+
+
+@dataclass
+class TracedForward:
+    """One forward pass through the explicit attention path; tensors stay here, numbers go to the Explanation."""
+
+    ids: list[int]
+    logits: torch.Tensor  # (T, V), after any softcap: what sampling sees
+    raw_logits: torch.Tensor  # (T, V) before the softcap
+    trace: list[dict]  # one dict per block, see GPT.forward
+    final_residual: torch.Tensor  # (T, C): the residual stream after the last block, before the final norm
+
+
+@torch.no_grad()
+def trace_forward(model, ids: list[int]) -> TracedForward:
+    idx = torch.tensor([ids], dtype=torch.long, device=_device(model))
+    trace: list[dict] = []
+    logits = model(idx, trace=trace)[0].float()
+    last = trace[-1]
+    final_residual = (last["residual_in"] + last["attn_out"] + last["mlp_out"])[0]  # the block's own sum order
+    raw = model.head(model.final_norm(final_residual)).float()
+    return TracedForward(ids, logits, raw, trace, final_residual)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _softcap(model, logits: torch.Tensor) -> torch.Tensor:
+    cap = model.config.logit_softcap
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+@torch.no_grad()
+def generate_logits(model, ids: list[int]) -> torch.Tensor:
+    """The logits after ids exactly as generation computes them: prefill on a fresh KV cache."""
+    from .generate import prefill
+
+    idx = torch.tensor([ids], dtype=torch.long, device=_device(model))
+    return prefill(model, idx, model.new_cache(1))[0].float()
+
+
+# ---------------------------------------------------------------- building the explanation
+
+
+def encode(tokenizer, prompt: str, context_length: int, source: str = "the prompt") -> list[int]:
+    if not prompt:
+        raise PotionError(f"{source} is empty; give some text to explain, e.g. potion explain \"ROMEO:\"")
+    ids = tokenizer.encode(prompt, source=source)
+    if len(ids) > context_length:
+        raise PotionError(f"{source} has {len(ids)} tokens; this model's context is {context_length}: shorten it")
+    return ids
+
+
+def check_probe(tokenizer, prompt: str, context_length: int) -> None:
+    """Fail before training starts if the --probe text cannot be explained by this model."""
+    encode(tokenizer, prompt, context_length, source="the --probe text")
+
+
+def explain(model, prompt: str, tokenizer=None, token: int = -1, layer: int | None = None, head: int | None = None,
+            top_k: int = 5, expect: str | None = None, step: int | None = None) -> Explanation:
+    """Explain the prediction after token `token` of `prompt` (negative counts from the end, like Python).
+
+    model is a GPT (then pass its tokenizer), the (model, tokenizer) pair potion.load returns, or a run directory.
+    """
+    model, tokenizer = _model_and_tokenizer(model, tokenizer)
+    config = model.config
+    ids = encode(tokenizer, prompt, config.context_length)
+    T = len(ids)
+    if not -T <= token < T:
+        raise PotionError(f"--token {token} is out of range: the prompt has {T} tokens (0 to {T - 1}, or -1 for the last)")
+    focus = token % T
+    for name, value, count in (("--layer", layer, config.n_layer), ("--head", head, config.n_head)):
+        if value is not None and not 0 <= value < count:
+            plural = "layers" if name == "--layer" else "heads per layer"
+            raise PotionError(f"{name} {value} is out of range: this model has {count} {plural} (0 to {count - 1})")
+    if top_k < 1:
+        raise PotionError(f"--top-k must be at least 1, got {top_k}")
+
+    was_training = model.training
+    model.eval()  # no dropout: the explanation must be the model's deterministic computation
+    try:
+        return _explain(model, tokenizer, prompt, ids, focus, layer, head, top_k, expect, step)
+    finally:
+        model.train(was_training)
+
+
+def _model_and_tokenizer(model, tokenizer):
+    if isinstance(model, (str, Path)):
+        from .checkpoint import load
+
+        model, tokenizer = load(model)
+    elif isinstance(model, tuple) and len(model) == 2:
+        model, tokenizer = model
+    if tokenizer is None:
+        raise PotionError("explain needs the model's tokenizer: potion.explain(model, prompt, tokenizer), "
+                          "or pass what potion.load returns, or a run directory")
+    return model, tokenizer
+
+
+@torch.no_grad()
+def _explain(model, tokenizer, prompt, ids, focus, layer, head, top_k, expect, step) -> Explanation:
+    config = model.config
+    tokens = tuple(Token(i, t, tokenizer.token_text(t), visible(tokenizer.token_text(t))) for i, t in enumerate(ids))
+    forward = trace_forward(model, ids)
+    logits = forward.logits[focus]
+
+    def candidate(token_id: int, row: torch.Tensor) -> Candidate:
+        probs = row.softmax(-1)
+        text = tokenizer.token_text(token_id)
+        rank = int((row > row[token_id]).sum()) + 1
+        return Candidate(token_id, text, visible(text), float(probs[token_id]), float(row[token_id]), rank)
+
+    def top_candidates(row: torch.Tensor, k: int) -> tuple[Candidate, ...]:
+        return tuple(candidate(int(i), row) for i in row.topk(min(k, row.numel())).indices)
+
+    prediction = top_candidates(logits, top_k)
+    expected = None
+    if expect is not None:
+        expected_ids = encode(tokenizer, expect, 10**9, source="the --expect text")
+        c = candidate(expected_ids[0], logits)
+        expected = Expected(expect, c, len(expected_ids), c.rank <= top_k)
+    target = expected.candidate if expected else prediction[0]
+    target_reason = "the expected token (--expect)" if expected else "the top prediction"
+
+    heads = tuple(_head_attention(config, forward.trace[l], l, h, focus, tokens, top_k)
+                  for l in range(config.n_layer) for h in range(config.n_head))
+    if layer is None:
+        layer = config.n_layer - 1
+    if head is None:  # the head that is most sure where to look: usually the easiest one to read first
+        head = max(range(config.n_head), key=lambda h: heads[layer * config.n_head + h].keys[0].weight)
+    averages = tuple(_head_average(forward.trace[l], l, focus, tokens, top_k) for l in range(config.n_layer))
+    lens = _logit_lens(model, forward, focus, target.id, top_candidates, top_k)
+    matrices, matrices_note = _matrices(model, forward, tokens, focus, top_candidates)
+    attribution, parts_error = _attribution(model, forward, focus, target)
+    checks = Checks(
+        row_sum=max(float((r["weights"].sum(-1) - 1).abs().max()) for r in forward.trace),
+        heads_to_attention_output=_heads_to_attention_output_error(model, forward.trace),
+        parts_to_residual=parts_error,
+        logits_vs_generate=float((generate_logits(model, ids[: focus + 1]) - logits).abs().max()),
+        lens_last_vs_logits=float((_lens_logits(model, forward, config.n_layer - 1)[focus] - logits).abs().max()),
+    )
+    return Explanation(
+        format=FORMAT, prompt=prompt,
+        model=ModelSummary(config.n_layer, config.n_head, config.head_dim, config.n_embd, config.context_length,
+                           config.positions, config.norm, tokenizer.kind, config.vocab_size),
+        tokens=tokens, focus=focus, layer=layer, head=head, top_k=top_k,
+        prediction=prediction, expected=expected, target=target, target_reason=target_reason,
+        masked=tuple(range(focus + 1, len(ids))), heads=heads, head_averages=averages,
+        lens=lens, target_enters_top_k=_enters_top_k(lens, top_k),
+        occlusion=_occlusion(model, ids, focus, target.id, tokens),
+        attribution=attribution, matrices=matrices, matrices_note=matrices_note, checks=checks,
+        notes=(ATTENTION_CAVEAT, OCCLUSION_NOTE, LOGIT_ATTRIBUTION_NOTE), step=step,
+    )
+
+
+def _head_attention(config, record: dict, layer: int, head: int, focus: int, tokens, top_k: int) -> HeadAttention:
+    weights = record["weights"][0, head, focus, : focus + 1].double()  # visible keys only: 0..focus
+    scores = record["scores"][0, head, focus, : focus + 1].double()
+    scaled = record["scaled_scores"][0, head, focus, : focus + 1].double()
+    value_norms = record["value"][0, head, : focus + 1].double().norm(dim=-1)
+    order = weights.argsort(descending=True, stable=True)
+    keys = tuple(KeyWeight(int(j), tokens[j].label, float(scores[j]), float(scaled[j]), float(weights[j]),
+                           float(value_norms[j]), float(weights[j] * value_norms[j])) for j in order[:top_k])
+    listed = sum(k.weight for k in keys)
+    row_sum = float(weights.sum())
+    worked = _worked_example(config, record, head, focus, int(order[0]), scaled)
+    return HeadAttention(layer, head, _rounded(weights), keys, max(row_sum - listed, 0.0), row_sum, worked)
+
+
+def _worked_example(config, record, head: int, focus: int, key: int, scaled_row: torch.Tensor) -> WorkedExample:
+    q = record["query"][0, head, focus].double()
+    k = record["key"][0, head, key].double()
+    n = min(WORKED_ENTRIES, q.numel())
+    products = q * k
+    dot = float(products.sum())
+    scale = math.sqrt(config.head_dim)
+    shift = float(scaled_row.max()) if float(scaled_row.max()) > EXP_LIMIT else 0.0
+    exps = (scaled_row - shift).exp()
+    steps = [name for name, used in (("their per-head RMS norm", config.qk_norm),
+                                     ("the rotary position rotation", config.positions == "rope")) if used]
+    note = f"q and k after {' and '.join(steps)}" if steps else ""
+    return WorkedExample(
+        query_index=focus, key_index=key, head_dim=q.numel(),
+        query_entries=tuple(q[:n].tolist()), key_entries=tuple(k[:n].tolist()), products=tuple(products[:n].tolist()),
+        rest_of_dot_product=float(products[n:].sum()), dot_product=dot,
+        score=float(record["scores"][0, head, focus, key]), scale=scale, scaled_score=dot / scale, shift=shift,
+        exp_score=float(exps[key]), exp_sum=float(exps.sum()), weight=float(exps[key] / exps.sum()), note=note,
+    )
+
+
+def _head_average(record: dict, layer: int, focus: int, tokens, top_k: int) -> HeadAverage:
+    weights = record["weights"][0, :, focus, : focus + 1].double()  # (H, focus + 1)
+    value_norms = record["value"][0, :, : focus + 1].double().norm(dim=-1)  # (H, focus + 1)
+    mean_weight, mean_norm = weights.mean(0), value_norms.mean(0)
+    mean_weighted = (weights * value_norms).mean(0)
+    order = mean_weight.argsort(descending=True, stable=True)[:top_k]
+    keys = tuple(AverageKey(int(j), tokens[j].label, float(mean_weight[j]), float(mean_norm[j]),
+                            float(mean_weighted[j])) for j in order)
+    label = f"average of the {weights.size(0)} heads (a summary, not a step the model computes)"
+    return HeadAverage(layer, label, _rounded(mean_weight), keys, max(1.0 - sum(k.weight for k in keys), 0.0))
+
+
+def _rounded(row: torch.Tensor, digits: int = 5) -> tuple[float, ...]:
+    """Whole rows are for pictures; five decimals keep the JSON small and are finer than any colour step."""
+    return tuple(round(x, digits) for x in row.tolist())
+
+
+def _residual_after(forward: TracedForward, layer: int) -> torch.Tensor:
+    """(T, C): the residual stream after block `layer`; layer -1 = after the embeddings."""
+    if layer == -1:
+        return forward.trace[0]["residual_in"][0]
+    r = forward.trace[layer]
+    return (r["residual_in"] + r["attn_out"] + r["mlp_out"])[0]
+
+
+def _lens_logits(model, forward: TracedForward, layer: int) -> torch.Tensor:
+    return _softcap(model, model.head(model.final_norm(_residual_after(forward, layer)))).float()
+
+
+def _logit_lens(model, forward, focus: int, target_id: int, top_candidates, top_k: int) -> tuple[LensLayer, ...]:
+    rows = []
+    for layer in range(-1, model.config.n_layer):
+        row = _lens_logits(model, forward, layer)[focus]
+        probs = row.softmax(-1)
+        name = "embeddings" if layer == -1 else f"layer {layer}"
+        rank = int((row > row[target_id]).sum()) + 1
+        rows.append(LensLayer(layer, name, top_candidates(row, top_k), rank, float(probs[target_id])))
+    return tuple(rows)
+
+
+def _enters_top_k(lens: tuple[LensLayer, ...], top_k: int) -> str:
+    """The first lens row from which the target stays in the top-k to the end ("" if it never gets there)."""
+    entered = ""
+    for row in lens:
+        if row.target_rank <= top_k:
+            entered = entered or row.name
+        else:
+            entered = ""
+    return entered
+
+
+def _occlusion(model, ids: list[int], focus: int, target_id: int, tokens) -> tuple[OcclusionEffect, ...]:
+    """For each token before the focus: the target's probability with that one token deleted."""
+    if focus == 0:
+        return ()
+    device = _device(model)
+    base = model(torch.tensor([ids[: focus + 1]], device=device))[0, -1].float().softmax(-1)[target_id]
+    without = [ids[:j] + ids[j + 1 : focus + 1] for j in range(focus)]
+    probs = []
+    for start in range(0, len(without), OCCLUSION_BATCH):
+        batch = torch.tensor(without[start : start + OCCLUSION_BATCH], device=device)
+        probs += model(batch)[:, -1].float().softmax(-1)[:, target_id].tolist()
+    return tuple(OcclusionEffect(j, tokens[j].label, p, p - float(base)) for j, p in enumerate(probs))
+
+
+def _head_outputs(attention, context: torch.Tensor) -> torch.Tensor:
+    """context (H, T, D) -> (H, T, C): what each head writes, through its own columns of the output projection."""
+    H, T, D = context.shape
+    w = attention.proj.weight.double().view(-1, H, D)  # (C, H, D): proj input columns grouped by head
+    return torch.einsum("htd,chd->htc", context.double(), w)
+
+
+def _heads_to_attention_output_error(model, trace: list[dict]) -> float:
+    worst = 0.0
+    for block, record in zip(model.blocks, trace):
+        total = _head_outputs(block.attn, record["context"][0]).sum(0)
+        if block.attn.proj.bias is not None:
+            total = total + block.attn.proj.bias.double()
+        worst = max(worst, float((total - record["attn_out"][0].double()).abs().max()))
+    return worst
+
+
+def _attribution(model, forward: TracedForward, focus: int, target: Candidate) -> tuple[LogitAttribution, float]:
+    """The target's logit as a sum of parts, with the final norm's scale frozen from the real forward pass."""
+    config = model.config
+    token_id = forward.ids[focus]
+    vectors: list[tuple[str, str, int, int, torch.Tensor]] = []
+    token_vector = model.token_embedding.weight[token_id].double()
+    vectors.append(("token embedding", "token_embedding", -1, -1, token_vector))
+    if config.positions == "learned":
+        vectors.append(("position embedding", "position_embedding", -1, -1,
+                        model.position_embedding.weight[focus].double()))
+    for layer, (block, record) in enumerate(zip(model.blocks, forward.trace)):
+        per_head = _head_outputs(block.attn, record["context"][0])[:, focus]  # (H, C)
+        for h in range(config.n_head):
+            vectors.append((f"layer {layer} head {h}", "head", layer, h, per_head[h]))
+        if block.attn.proj.bias is not None:
+            vectors.append((f"layer {layer} attention bias", "attention_bias", layer, -1, block.attn.proj.bias.double()))
+        vectors.append((f"layer {layer} MLP", "mlp", layer, -1, record["mlp_out"][0, focus].double()))
+
+    residual = forward.final_residual[focus].double()
+    parts_error = float((sum(v for *_, v in vectors) - residual).abs().max())
+    norm = model.final_norm
+    if isinstance(norm, torch.nn.LayerNorm):
+        centre = True
+        scale = 1.0 / math.sqrt(float(residual.var(unbiased=False)) + norm.eps)
+    else:  # RMSNorm: no centring, no bias
+        centre = False
+        scale = 1.0 / math.sqrt(float(residual.square().mean()) + norm.eps)
+    gain = norm.weight.double() if norm.weight is not None else torch.ones_like(residual)
+    direction = model.head.weight[target.id].double()  # the unembedding row of the target token
+
+    def through_norm(v: torch.Tensor) -> float:  # LayerNorm's centring is linear, so each part is centred alone
+        v = v - v.mean() if centre else v
+        return float(direction @ (gain * v * scale))
+
+    parts = [LogitPart(name, kind, layer, head, through_norm(v)) for name, kind, layer, head, v in vectors]
+    bias = getattr(norm, "bias", None)
+    if bias is not None:
+        parts.append(LogitPart("final norm bias", "norm_bias", -1, -1, float(direction @ bias.double())))
+    logit = float(forward.raw_logits[focus, target.id])
+    total = sum(p.contribution for p in parts)
+    attribution = LogitAttribution(target, logit, tuple(parts), total, logit - total, config.logit_softcap,
+                                   LOGIT_ATTRIBUTION_NOTE)
+    return attribution, parts_error
+
+
+def _matrices(model, forward: TracedForward, tokens, focus: int, top_candidates) -> tuple[AttentionMatrices | None, str]:
+    config = model.config
+    T = len(tokens)
+    per_token_pair = 2 * config.n_layer * config.n_head  # a weight and a score per layer and head
+
+    def fits(t: int) -> bool:
+        return per_token_pair * t * (t + 1) // 2 <= MATRIX_BUDGET
+
+    if not fits(T):
+        longest = max((t for t in range(1, T) if fits(t)), default=0)
+        return None, (f"every token's attention is included for prompts of up to {longest} tokens with this model; "
+                      f"this prompt has {T}, so only token {focus} is shown (choose another with --token)")
+
+    def lower_triangles(name: str, digits: int):  # query i sees keys 0..i
+        return tuple(tuple(tuple(tuple(round(x, digits) for x in record[name][0, h, i, : i + 1].tolist())
+                                 for i in range(T))
+                           for h in range(config.n_head))
+                     for record in forward.trace)
+
+    value_norms = tuple(tuple(tuple(round(x, 4) for x in record["value"][0, h].norm(dim=-1).tolist())
+                              for h in range(config.n_head))
+                        for record in forward.trace)
+    guesses = tuple(top_candidates(forward.logits[i], NEXT_BY_POSITION) for i in range(T))
+    return AttentionMatrices(lower_triangles("weights", 5), lower_triangles("scores", 4), value_norms, guesses), ""
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_json(explanation: Explanation, path: str | Path) -> None:
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), explanation.to_json(indent=1) + "\n")
+
+
+def probe_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "probes" / f"step-{step:08d}.json"
+
+
+def save_probe(model, tokenizer, prompt: str, run_dir: Path, step: int) -> Path:
+    """The explain data for the --probe prompt at this training step (run_dir/probes/step-N.json)."""
+    path = probe_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_json(explain(model, prompt, tokenizer, step=step), path)
+    return path
+
+
+def load_probes(run_dir: str | Path) -> list[Explanation]:
+    """The probes a run saved during training, in step order (empty if it saved none)."""
+    folder = Path(run_dir) / "probes"
+    if not folder.is_dir():
+        return []
+    return [load_json(p) for p in sorted(folder.glob("step-*.json"))]

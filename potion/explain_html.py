@@ -1,0 +1,53 @@
+"""The HTML view of an Explanation: one self-contained page that works offline.
+
+The page is potion/explain_page.html with the data inlined as JSON; its script and style are inline too, and it
+loads nothing (no fonts, no scripts, no images from anywhere), so it can be mailed or opened from a USB stick.
+Probes saved during training (potion train --probe) become a step slider.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+from .explain import Explanation
+
+MAX_PROBES = 120  # steps kept for the slider; more are thinned evenly (the first and last are always kept)
+
+
+def probe_summary(p: Explanation) -> dict:
+    """What the slider needs from one training step: the focus token's attention and the prediction."""
+    return {
+        "step": p.step,
+        "prompt": p.prompt,
+        "tokens": [t.label for t in p.tokens],
+        "focus": p.focus,
+        "heads": [h.weights for h in p.heads],
+        "prediction": [{"label": c.label, "probability": c.probability} for c in p.prediction],
+        "target": {"label": p.target.label, "probability": p.target.probability},
+    }
+
+
+def thin(items: list, limit: int) -> list:
+    if len(items) <= limit:
+        return items
+    picks = sorted({round(i * (len(items) - 1) / (limit - 1)) for i in range(limit)})
+    return [items[i] for i in picks]
+
+
+def render_html(e: Explanation, probes: list[Explanation] = ()) -> str:
+    page = resources.files("potion").joinpath("explain_page.html").read_text(encoding="utf-8")
+    steps = [probe_summary(p) for p in thin(list(probes), MAX_PROBES)]
+    data = json.dumps({"explanation": e.to_dict(), "probes": steps}, ensure_ascii=False, allow_nan=False)
+    data = data.replace("<", "\\u003c").replace(">", "\\u003e")  # nothing in the data can close the script tag
+    title = f"potion explain: {e.prompt[:60]}".replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    fill = {"__TITLE__": title, "__DATA__": data}
+    return re.sub("__TITLE__|__DATA__", lambda m: fill[m.group(0)], page)  # one pass: a prompt may hold a marker
+
+
+def save_html(e: Explanation, path: str | Path, probes: list[Explanation] = ()) -> None:
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), render_html(e, probes))
