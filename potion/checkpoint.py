@@ -5,17 +5,24 @@
     model.safetensors    the weights with the best validation loss so far (what generate and eval use)
     log.jsonl, loss.png  training log and plot
     checkpoints/step-N/  resume state: model.safetensors, optimizer.safetensors, state.json, COMPLETE
+    train.lock           while a training runs: its process id and host, so a second one refuses to start
 
 Every file is written under a temporary name, flushed to disk and renamed into place, so a process killed
-mid-write leaves the previous version intact.
+mid-write leaves the previous version intact. A checkpoint folder gets its name only once all its files are on
+disk, and its COMPLETE marker records the sha256 of each file: a checkpoint cut short or corrupted later is
+never resumed from; the previous good one is used instead.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import socket
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,18 +52,41 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_failed(path: Path, e: Exception) -> PotionError:
+    reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
+    hint = "; free some disk space and resume" if isinstance(e, OSError) and e.errno == errno.ENOSPC else ""
+    return PotionError(f"could not write '{path}' ({reason}); the files written before are intact{hint}")
+
+
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) fills a temporary file beside `path`; it then replaces `path` in one step."""
+    """write(tmp_path) fills a temporary file beside `path`; it then replaces `path` in one step.
+
+    A failed write (disk full, no permission) removes the temporary file, leaves `path` as it was and raises
+    a PotionError naming the file.
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, (OSError, SafetensorError)):
+            raise write_failed(path, e) from e
         raise
     fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -188,26 +218,75 @@ def _unflatten_optimizer(optimizers: list[torch.optim.Optimizer], tensors: dict[
         opt.load_state_dict({"state": state, "param_groups": groups[i]})
 
 
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizers, state: dict, rng_tensors: dict, keep: int) -> Path:
-    """Write checkpoints/step-N/ under a temporary name; it becomes visible only once complete."""
+    """Write checkpoints/step-N/ under a temporary name; it becomes visible only once complete.
+
+    state["val_loss"] (the evaluation at this step, if any) lets pruning keep the best checkpoint besides the
+    last `keep` ones (keep = 0 keeps all). A failed write leaves the earlier checkpoints as they were.
+    """
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    opt_tensors, groups = _flatten_optimizer(optimizers)
-    save_tensors(tmp / "model.safetensors", model_state(model))
-    save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **{f"rng.{k}": v for k, v in rng_tensors.items()}})
-    atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer_groups": groups}, indent=1))
-    atomic_write_text(tmp / "COMPLETE", "")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    for old in complete_checkpoints(run_dir)[:-keep] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        opt_tensors, groups = _flatten_optimizer(optimizers)
+        save_tensors(tmp / "model.safetensors", model_state(model))
+        save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **{f"rng.{k}": v for k, v in rng_tensors.items()}})
+        atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer_groups": groups}, indent=1))
+        hashes = {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES}
+        atomic_write_text(tmp / "COMPLETE", json.dumps({"sha256": hashes}, indent=1))
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except (OSError, PotionError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = e.__cause__ if isinstance(e, PotionError) else e
+        if not isinstance(cause, (OSError, SafetensorError)):
+            raise
+        raise write_failed(final, cause) from cause  # name the checkpoint, not its temporary folder
+    for old in prunable(complete_checkpoints(run_dir), keep):
+        _remove(old)
     return final
+
+
+def _remove(folder: Path) -> None:
+    """Rename first, then delete: a process killed half-way never leaves a half-deleted step-N behind."""
+    trash = folder.with_name(f".trash-{folder.name}.{os.getpid()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def prunable(checkpoints: list[Path], keep: int) -> list[Path]:
+    """All but the last `keep` checkpoints and the one with the lowest validation loss."""
+    if not keep or len(checkpoints) <= keep:
+        return []
+    losses = {}
+    for p in checkpoints:
+        try:
+            loss = json.loads((p / "state.json").read_text(encoding="utf-8")).get("val_loss")
+        except (OSError, ValueError):
+            continue
+        if isinstance(loss, (int, float)) and loss == loss:
+            losses[p] = loss
+    best = min(losses, key=losses.get) if losses else None
+    return [p for p in checkpoints[:-keep] if p != best]
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary files and folders of a process that was killed mid-write (call with the lock held)."""
+    for p in [*run_dir.glob(".*.tmp*"), *(run_dir / "checkpoints").glob(".step-*"),
+              *(run_dir / "checkpoints").glob(".trash-*")]:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def is_leftover(path: Path) -> bool:
+    return path.name.startswith(".") and ".tmp" in path.name
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -217,11 +296,118 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "COMPLETE").is_file())
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why this checkpoint cannot be trusted (a missing file, a sha256 that does not match), or None."""
+    try:
+        marker = (path / "COMPLETE").read_text(encoding="utf-8")
+        hashes = json.loads(marker)["sha256"] if marker.strip() else {}  # an empty marker: written before hashes
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its COMPLETE marker is unreadable"
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if name in hashes and sha256_file(path / name) != hashes[name]:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
 def load_checkpoint(path: Path, model, optimizers) -> tuple[dict, dict]:
     """Restore weights and optimizer; returns (state.json contents, rng tensors)."""
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PotionError(f"'{path / 'state.json'}' is damaged ({e})") from None
     load_model_state(unwrap(model), load_tensors(path / "model.safetensors"), str(path / "model.safetensors"))
     tensors = load_tensors(path / "optimizer.safetensors")
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     _unflatten_optimizer(optimizers, {k: v for k, v in tensors.items() if not k.startswith("rng.")}, state.pop("optimizer_groups"))
     return state, rng
+
+
+def load_latest_checkpoint(run_dir: Path, model, optimizers) -> tuple[Path, dict, dict] | None:
+    """The newest intact checkpoint, restored into model and optimizers; damaged ones are skipped with a warning.
+
+    None when the run has no checkpoint yet; a PotionError when it has some but none is intact.
+    """
+    checkpoints = complete_checkpoints(run_dir)
+    for i, path in enumerate(reversed(checkpoints)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return (path, *load_checkpoint(path, model, optimizers))
+        older = checkpoints[-i - 2].name if i + 1 < len(checkpoints) else None
+        warnings.warn(f"checkpoint '{path}' is damaged ({problem}); "
+                      + (f"falling back to {older}" if older else "no older checkpoint is left"))
+    if checkpoints:
+        raise PotionError(f"no intact checkpoint in '{run_dir / 'checkpoints'}'; train into a new --out "
+                          "(or delete that folder to restart this run from step 0)")
+    return None
+
+
+# ---------------------------------------------------------------- one training per run directory
+
+LOCK_NAME = "train.lock"
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (Linux), so a reused process id is not mistaken for the owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_alive(pid: int, start_time: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        pass
+    now = _process_start_time(pid)
+    return not (start_time and now and now != start_time)
+
+
+def acquire_lock(run_dir: Path) -> Path:
+    """Create run_dir/train.lock holding this process's id and host; refuse while another live training holds it.
+
+    A lock left by a process that is gone (killed, machine restarted) is taken over with a warning.
+    """
+    path = run_dir / LOCK_NAME
+    host = socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "start_time": _process_start_time(os.getpid())}
+    tmp = run_dir / f".{LOCK_NAME}.tmp{os.getpid()}"
+    atomic_write_text(tmp, json.dumps(me))
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)  # fails if the lock exists: two processes can never both succeed
+                return path
+            except FileExistsError:
+                pass
+            try:
+                holder = json.loads(path.read_text(encoding="utf-8"))
+                pid, holder_host = int(holder["pid"]), str(holder["host"])
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, holder_host = None, host  # unreadable: its writer died before finishing it
+            if pid is not None and holder_host != host:
+                raise PotionError(f"'{run_dir}' is locked by process {pid} on host {holder_host}; if no training "
+                                  f"is running there, delete '{path}'")
+            if pid is not None and _process_alive(pid, holder.get("start_time")):
+                raise PotionError(f"'{run_dir}' is in use by another training (process {pid} on {host}); "
+                                  "wait for it to finish or train into another --out")
+            warnings.warn(f"taking over '{path}' from process {pid}, which is no longer running")
+            path.unlink(missing_ok=True)
+        raise PotionError(f"could not lock '{run_dir}': other processes keep taking it")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def release_lock(path: Path) -> None:
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass

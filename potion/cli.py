@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="run directory (default: the latest under ./runs)")
     g.add_argument("--max-new-tokens", type=int, default=500)
     g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-k", type=int, help="draw only from the k most likely tokens (default: no limit)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears")
     g.add_argument("--num-samples", type=int, default=1)

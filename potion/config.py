@@ -102,6 +102,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = no clipping
+    max_nonfinite_steps: int = 20  # steps in a row with a NaN/inf loss or gradient (each skipped) before stopping
     optimizer: str = "adamw"  # adamw | muon (muon for hidden matrices, adamw for the rest)
     muon_lr: float = 0.02
     eval_every: int = 250
@@ -121,7 +122,7 @@ class TrainConfig:
         _check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
         _check_choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
         _check_choice("compile", self.compile, ("auto", "on", "off"))
-        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches"):
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise PotionError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "checkpoint_every", "sample_tokens", "keep_checkpoints"):

@@ -143,7 +143,7 @@ def prepare(config: DataConfig, tokenizer: Tokenizer | None = None, data: str | 
             shutil.rmtree(folder, ignore_errors=True)  # a damaged cache is rebuilt, never trusted
 
     if tokenizer is None:
-        if not quiet:
+        if not quiet and config.tokenizer == "bpe":  # a character vocabulary takes one quick pass: nothing to announce
             print(f"potion: training a {config.tokenizer} tokenizer on {len(files)} file(s)", file=sys.stderr)
         tokenizer = train_tokenizer(config.tokenizer, lambda: iter_documents_blocks(files), config.bpe_vocab_size)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")

@@ -19,7 +19,7 @@ from .errors import PotionError
 class SamplingConfig:
     max_new_tokens: int = 500
     temperature: float = 0.8  # 0 = greedy: always the most likely token
-    top_k: int = 0  # 0 = off
+    top_k: int | None = None  # None = off; else only the k most likely tokens can be drawn
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
@@ -30,8 +30,8 @@ class SamplingConfig:
             raise PotionError(f"--max-new-tokens must not be negative, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise PotionError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if self.top_k < 0:
-            raise PotionError(f"--top-k must be positive (or 0 for off), got {self.top_k}")
+        if self.top_k is not None and self.top_k < 1:
+            raise PotionError(f"--top-k must be at least 1 (leave it out for no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise PotionError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 1:
@@ -157,7 +157,7 @@ def generate_text(model, tokenizer, prompt: str, sampling: SamplingConfig, on_te
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         new_ids: list[int] = []
         text, shown, reason = "", 0, "length"
-        for token in generate_tokens(model, idx, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
+        for token in generate_tokens(model, idx, sampling.max_new_tokens, sampling.temperature, sampling.top_k or 0,
                                      sampling.top_p, generator, tokenizer.eot_id):
             t = int(token[0])
             if t == tokenizer.eot_id:

@@ -96,8 +96,9 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     import time
 
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)  # its own: the global RNG belongs to training (exact resume)
+    a = torch.randn(n, n, generator=generator).to(device, dtype)
+    b = torch.randn(n, n, generator=generator).to(device, dtype)
     best = float("inf")
     for _ in range(4):
         if device.type == "cuda":
@@ -109,6 +110,10 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def set_threads() -> int:
-    n = physical_cores()
+    """One thread per physical core, unless OMP_NUM_THREADS says otherwise (e.g. on a machine shared with other work)."""
+    try:
+        n = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        n = physical_cores()
     torch.set_num_threads(n)
     return n

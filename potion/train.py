@@ -25,12 +25,11 @@ from .generate import generate_tokens
 from .hardware import autocast, matmul_peak_tflops, pick_device, pick_dtype, set_threads
 from .model import GPT
 from .optim import make_optimizer, set_learning_rate
-from .tokenizer import save_tokenizer
 
 # Fields that may differ between a run and its resumption: they change when and how long, not what is learned.
 RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", "train.eval_every",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.sample_tokens", "train.device",
-                     "train.compile", "train.probe"}
+                     "train.compile", "train.probe", "train.max_nonfinite_steps"}
 LOG_EVERY = 10  # steps between loss read-backs from the device (each one is a host sync)
 PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
 
@@ -155,10 +154,19 @@ class RunLog:
     def __init__(self, path: Path, keep_through_step: int | None = None):
         self.path = path
         if keep_through_step is not None and path.is_file():
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line)["step"] <= keep_through_step]
+            kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if (row := self.parse(line)) is not None and row["step"] <= keep_through_step]
             ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a", encoding="utf-8")
+
+    @staticmethod
+    def parse(line: str) -> dict | None:
+        """A row, or None for a line cut short by a killed process."""
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return None
+        return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
     def write(self, **row) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -183,9 +191,19 @@ def prepare_run_dir(out: Path | None, resume: bool, config: RunConfig) -> tuple[
             )
         return out, config
     out = out or ckpt.new_run_dir()
-    if out.exists() and any(out.iterdir()):
-        raise PotionError(f"run directory '{out}' already exists; pass --resume to continue it or choose another --out")
+    refuse_existing(out)
     return out, config
+
+
+def refuse_existing(out: Path) -> None:
+    """A new run needs an empty (or missing) folder; the lock and temporary files of a killed training do not count."""
+    if out.exists() and any(p.name != ckpt.LOCK_NAME and not ckpt.is_leftover(p) for p in out.iterdir()):
+        raise PotionError(f"run directory '{out}' already exists; pass --resume to continue it or choose another --out")
+
+
+def grad_norm(model, clip: float) -> torch.Tensor:
+    """Clip (when clip > 0) and return the total gradient norm; NaN/inf gradients make it non-finite."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
 
 
 def train(config: RunConfig, out: str | Path | None = None, resume: bool = False, quiet: bool = False) -> dict:
@@ -194,35 +212,57 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
     run_dir, config = prepare_run_dir(Path(out) if out else None, resume, config)
     tc = config.train
     device = pick_device(tc.device)
-    dtype = pick_dtype(tc.dtype, device)
-    threads = set_threads() if device.type == "cpu" else torch.get_num_threads()
-
     token_file = prepare(config.data, quiet=quiet)
-    tokenizer = token_file.tokenizer
-    config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
+    config = replace(config, model=replace(config.model, vocab_size=token_file.tokenizer.vocab_size))
     train_tokens, val_tokens = token_file.split(config.data.val_fraction)
     if tc.probe:
-        check_probe(tokenizer, tc.probe, config.model.context_length)  # fail now, not after the first evaluation
+        check_probe(token_file.tokenizer, tc.probe, config.model.context_length)  # fail now, not after the first evaluation
     T = config.model.context_length
     batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training")
     eval_sets = {
         "train": fixed_batches(train_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 1, "training"),
         "val": fixed_batches(val_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 2, "validation"),
     }
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+    lock = ckpt.acquire_lock(run_dir)
+    try:
+        if not resume:
+            refuse_existing(run_dir)  # another training may have filled it since the first look
+        ckpt.remove_leftovers(run_dir)
+        return train_locked(config, run_dir, device, token_file.tokenizer, batches, eval_sets, len(train_tokens),
+                            resume, quiet, started)
+    finally:
+        ckpt.release_lock(lock)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokenizer, batches: Batches, eval_sets: dict,
+                 n_train_tokens: int, resume: bool, quiet: bool, started: float) -> dict:
+    tc = config.train
+    dtype = pick_dtype(tc.dtype, device)
+    threads = set_threads() if device.type == "cpu" else torch.get_num_threads()
+    T = config.model.context_length
+
     ckpt.write_config(run_dir, config)
     if not (run_dir / "tokenizer.json").is_file():
-        save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+        ckpt.atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
 
     seed_everything(tc.seed)
     model = GPT(config.model).to(device)
     optimizers = make_optimizer(model, tc, device.type)
-    step, best_val, tokens_seen = 0, math.inf, 0
-    checkpoints = ckpt.complete_checkpoints(run_dir) if resume else []
-    if resume and checkpoints:
-        state, rng = ckpt.load_checkpoint(checkpoints[-1], model, optimizers)
+    tokens_per_step = tc.batch_size * tc.grad_accum * T
+    step, best_val, tokens_seen, nonfinite_total = 0, math.inf, 0, 0
+    loss_sum = torch.zeros((), device=device)  # summed batch losses of the finite steps since the last train row
+    window_steps, window_finite, window_nonfinite = 0, 0, 0
+    restored = ckpt.load_latest_checkpoint(run_dir, model, optimizers) if resume else None
+    last_saved = restored[0] if restored else None
+    if restored:
+        _, state, rng = restored
         step, best_val, tokens_seen = state["step"], state["best_val_loss"], state["tokens"]
+        nonfinite_total = state.get("nonfinite_steps", 0)
+        window = state.get("log_window")
+        if window:
+            loss_sum.fill_(window[0])
+            window_steps, window_finite, window_nonfinite = window[1:]
         batches.set_state(state["batches"])
         rng_restore(state["rng"], rng)
         log(f"potion: resuming {run_dir} from step {step} (best validation loss {best_val:.4f})")
@@ -230,33 +270,35 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
         log(f"potion: {run_dir} has no checkpoint yet; starting it from step 0")
     run_log = RunLog(run_dir / "log.jsonl", keep_through_step=step if resume else None)
     if not quiet:
-        log(f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {len(train_tokens):,} training tokens, "
+        log(f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {n_train_tokens:,} training tokens, "
             f"device {device.type}, {str(dtype).removeprefix('torch.')}, {threads} threads -> {run_dir}")
 
     compiled = model
     if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
         compiled = torch.compile(model)
 
-    def save_resume_state():
+    def save_resume_state(val_loss=None):
+        nonlocal last_saved
         json_rng, tensor_rng = rng_snapshot()
-        state = {"best_val_loss": best_val, "tokens": tokens_seen, "batches": batches.state(), "rng": json_rng}
-        ckpt.save_checkpoint(run_dir, step, model, optimizers, state, tensor_rng, tc.keep_checkpoints)
+        state = {"best_val_loss": best_val, "val_loss": val_loss, "tokens": tokens_seen, "batches": batches.state(),
+                 "rng": json_rng, "nonfinite_steps": nonfinite_total,
+                 "log_window": [float(loss_sum), window_steps, window_finite, window_nonfinite]}
+        last_saved = ckpt.save_checkpoint(run_dir, step, model, optimizers, state, tensor_rng, tc.keep_checkpoints)
 
-    tokens_per_step = tc.batch_size * tc.grad_accum * T
     # model FLOPs utilisation: the model's useful arithmetic per second over the matmul peak measured here
     flops_per_token, peak_tflops = model.training_flops_per_token(), matmul_peak_tflops(device, dtype)
     bar = tqdm(total=tc.max_steps, initial=step, disable=quiet, dynamic_ncols=True, file=sys.stderr, unit="step")
     last_train_loss, last_val = math.nan, math.nan
-    window_start, window_steps, speed = time.time(), 0, 0.0
-    loss_sum = torch.zeros((), device=device)
+    window_start, speed = time.time(), 0.0
     last_plot = 0.0
     first_step, train_seconds = step, 0.0  # train_seconds: time in training steps only, evaluation excluded
+    nonfinite_run = 0  # non-finite steps in a row; while > 0 nothing is checkpointed
     stop_requested = install_interrupt_handler()
     try:
         while True:
             out_of_time = tc.max_time > 0 and time.time() - started >= tc.max_time
             done = step >= tc.max_steps or out_of_time or stop_requested.is_set()
-            resumed_here = step == first_step and resume and checkpoints
+            resumed_here = step == first_step and restored
             if (step % tc.eval_every == 0 or done) and not resumed_here:
                 last_train_loss = estimate_loss(compiled, eval_sets["train"], device, dtype)
                 last_val = estimate_loss(compiled, eval_sets["val"], device, dtype)
@@ -266,8 +308,8 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
                     best_val = last_val
                     ckpt.save_tensors(run_dir / "model.safetensors", ckpt.model_state(model))
                 run_log.write(kind="eval", step=step, tokens=tokens_seen, train_loss=last_train_loss,
-                              val_loss=last_val, best_val_loss=best_val, elapsed=round(time.time() - started, 3),
-                              train_seconds=round(train_seconds, 3))
+                              val_loss=last_val, best_val_loss=best_val, nonfinite_steps=nonfinite_total,
+                              elapsed=round(time.time() - started, 3), train_seconds=round(train_seconds, 3))
                 if done or time.time() - last_plot >= PLOT_EVERY_SECONDS:
                     plot_losses(run_dir)
                     last_plot = time.time()
@@ -279,45 +321,67 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
                     if tc.sample_tokens and step > 0:
                         log("  | " + sample_text(model, tokenizer, tc.sample_tokens, tc.seed + step, device)
                             .replace("\n", "\n  | "))
-                if step % (tc.checkpoint_every or tc.eval_every) == 0 or done:
-                    save_resume_state()
-            elif tc.checkpoint_every and step % tc.checkpoint_every == 0 and not resumed_here:
+                healthy = nonfinite_run == 0 and math.isfinite(last_val)
+                if (step % (tc.checkpoint_every or tc.eval_every) == 0 or done) and healthy:
+                    save_resume_state(last_val)
+            elif tc.checkpoint_every and step % tc.checkpoint_every == 0 and not resumed_here and nonfinite_run == 0:
                 save_resume_state()
             if done:
                 break
 
             step_started = time.time()
             lr = set_learning_rate(optimizers, step, tc)
+            step_loss = torch.zeros((), device=device)
             for _ in range(tc.grad_accum):
                 x, y = batches.next()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast(device, dtype):
                     _, loss = compiled(x, y)
                 (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach() / tc.grad_accum
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                step_loss += loss.detach().float() / tc.grad_accum
+            norm = grad_norm(model, tc.grad_clip)
+            # One host sync per step: a NaN or inf has to be caught before the optimizer spreads it into the weights.
+            if bool(torch.isfinite(step_loss) & torch.isfinite(norm)):
+                for opt in optimizers:
+                    opt.step()
+                loss_sum += step_loss
+                window_finite += 1
+                nonfinite_run = 0
+            else:
+                nonfinite_run += 1
+                nonfinite_total += 1
+                window_nonfinite += 1
+                if nonfinite_run == 1:
+                    log(f"potion: warning: step {step}: the loss or gradient norm is not finite; skipping the "
+                        "optimizer step")
             for opt in optimizers:
-                opt.step()
                 opt.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
             train_seconds += time.time() - step_started
             window_steps += 1
             bar.update(1)
+            if nonfinite_run >= tc.max_nonfinite_steps:
+                kept = f"the last checkpoint ({last_saved.name}) is untouched: resume from it" if last_saved else \
+                    "no checkpoint was written"
+                raise PotionError(
+                    f"stopped at step {step}: {nonfinite_run} steps in a row had a non-finite (NaN or inf) loss or "
+                    f"gradient norm, so none was applied; {kept}, or train again with a lower learning_rate"
+                )
             if step % LOG_EVERY == 0:
-                batch_loss = float(loss_sum) / window_steps  # the one host sync per LOG_EVERY steps
+                batch_loss = float(loss_sum) / window_finite if window_finite else None
                 now = time.time()
                 speed = window_steps * tokens_per_step / max(now - window_start, 1e-9)
                 mfu = speed * flops_per_token / 1e12 / peak_tflops
-                run_log.write(kind="train", step=step, loss=batch_loss, lr=lr, tokens_per_second=round(speed),
-                              mfu=round(mfu, 4))
-                postfix = {"loss": f"{batch_loss:.3f}", "tok/s": f"{speed:,.0f}", "MFU": f"{100 * mfu:.0f}%"}
+                run_log.write(kind="train", step=step, loss=batch_loss, lr=lr, nonfinite_steps=window_nonfinite,
+                              tokens_per_second=round(speed), mfu=round(mfu, 4))
+                postfix = {"loss": "nan" if batch_loss is None else f"{batch_loss:.3f}", "tok/s": f"{speed:,.0f}",
+                           "MFU": f"{100 * mfu:.0f}%"}
                 if tc.max_time > 0:
                     postfix["left"] = f"{max(tc.max_time - (now - started), 0):.0f}s"
                 bar.set_postfix(postfix, refresh=False)
                 loss_sum.zero_()
-                window_start, window_steps = now, 0
+                window_start, window_steps, window_finite, window_nonfinite = now, 0, 0, 0
     finally:
         stop_requested.restore()
         bar.close()
@@ -334,6 +398,7 @@ def train(config: RunConfig, out: str | Path | None = None, resume: bool = False
         "train_loss": last_train_loss,
         "val_loss": last_val,
         "best_val_loss": best_val,
+        "nonfinite_steps": nonfinite_total,
         "parameters": model.num_parameters(),
         "interrupted": stop_requested.is_set(),
         "out": str(run_dir),
