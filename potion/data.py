@@ -35,6 +35,16 @@ PARALLEL_BYTES = 16 << 20  # below this a worker pool costs more than it saves
 # ---------------------------------------------------------------- finding and reading the text
 
 
+def absolute_data(spec: str) -> str:
+    """A local path or glob made absolute, so a run's config.json still finds its data from another folder."""
+    if spec in BUILTIN and not Path(spec).exists():
+        return spec
+    local = os.path.expanduser(spec)
+    if Path(local).exists() or any(ch in spec for ch in "*?["):
+        return os.path.abspath(local)
+    return spec
+
+
 def find_files(spec: str) -> list[Path]:
     """A file, a directory (its files, recursively), a glob, or a built-in corpus name."""
     if spec in BUILTIN and not Path(spec).exists():

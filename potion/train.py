@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import RunConfig
-from .data import Batches, fixed_batches, prepare
+from .data import Batches, absolute_data, fixed_batches, prepare
 from .errors import PotionError
 from .explain import check_probe, save_probe
 from .generate import generate_tokens
@@ -209,6 +209,7 @@ def grad_norm(model, clip: float) -> torch.Tensor:
 def train(config: RunConfig, out: str | Path | None = None, resume: bool = False, quiet: bool = False) -> dict:
     """Train (or resume) a run; returns the summary that `potion train --json` prints."""
     started = time.time()
+    config = replace(config, data=replace(config.data, data=absolute_data(config.data.data)))
     run_dir, config = prepare_run_dir(Path(out) if out else None, resume, config)
     tc = config.train
     device = pick_device(tc.device)

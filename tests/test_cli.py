@@ -24,8 +24,9 @@ def potion(*args, cwd=None, check=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shakespeare):
     out = tmp_path_factory.mktemp("runs") / "run"
-    result = potion("train", "--data", shakespeare, *SMALL, "--max-steps", 300, "--eval-every", 100, "--out", out,
-                    "--json")
+    # a data path relative to where training ran: eval, run from elsewhere, must still find the validation split
+    result = potion("train", "--data", shakespeare.name, *SMALL, "--max-steps", 300, "--eval-every", 100, "--out",
+                    out, "--json", cwd=shakespeare.parent)
     return out, json.loads(result.stdout)
 
 
@@ -58,7 +59,7 @@ def test_generate_same_seed_same_text(trained):
 
 def test_eval_prints_loss_perplexity_bits_per_byte(trained, shakespeare):
     out, summary = trained
-    j = json.loads(potion("eval", "--model", out, "--json").stdout)
+    j = json.loads(potion("eval", "--model", out, "--json", cwd=out.parent).stdout)
     assert abs(math.exp(j["loss"]) - j["perplexity"]) < 1e-6 * j["perplexity"]
     assert j["tokens"] > 100_000  # the whole validation split, about 111k characters
     assert abs(j["bits_per_byte"] - j["loss"] / math.log(2)) < 0.05  # Shakespeare is nearly all ASCII
