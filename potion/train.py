@@ -22,7 +22,7 @@ from .data import Batches, absolute_data, fixed_batches, prepare
 from .errors import PotionError
 from .explain import check_probe, save_probe
 from .generate import generate_tokens
-from .hardware import autocast, matmul_peak_tflops, pick_device, pick_dtype, set_threads
+from .hardware import autocast, matmul_peak_tflops, maybe_compile, pick_device, pick_dtype, set_threads
 from .model import GPT
 from .optim import make_optimizer, set_learning_rate
 
@@ -274,9 +274,7 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
         log(f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {n_train_tokens:,} training tokens, "
             f"device {device.type}, {str(dtype).removeprefix('torch.')}, {threads} threads -> {run_dir}")
 
-    compiled = model
-    if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
-        compiled = torch.compile(model)
+    compiled = maybe_compile(model, tc.compile, device)
 
     def save_resume_state(val_loss=None):
         nonlocal last_saved
@@ -335,6 +333,8 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
             step_loss = torch.zeros((), device=device)
             for _ in range(tc.grad_accum):
                 x, y = batches.next()
+                if device.type == "cuda":  # page-locked memory lets the copy overlap the previous step's work
+                    x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast(device, dtype):
                     _, loss = compiled(x, y)

@@ -1,0 +1,27 @@
+import torch
+
+from potion import hardware
+from potion.config import ModelConfig
+from potion.model import GPT
+
+
+def test_bf16_only_where_the_hardware_runs_it_fast(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert hardware.pick_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert hardware.pick_dtype("auto", cpu) == torch.bfloat16
+    assert hardware.pick_dtype("fp32", cpu) == torch.float32
+
+
+def test_compile_by_default_only_on_cuda():
+    model = GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=2, n_embd=8))
+    assert hardware.maybe_compile(model, "auto", torch.device("cpu")) is model
+    assert hardware.maybe_compile(model, "off", torch.device("cuda")) is model
+
+
+def test_matmul_peak_leaves_the_global_random_state_alone():
+    before = torch.get_rng_state()
+    hardware.matmul_peak_tflops.cache_clear()
+    assert hardware.matmul_peak_tflops(torch.device("cpu"), torch.float32) > 0
+    assert torch.equal(before, torch.get_rng_state())
