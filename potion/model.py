@@ -114,8 +114,8 @@ class Attention(nn.Module):
         elif start == 0:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)  # (B, H, T, D)
-        elif T == 1:  # one new token sees every cached one: no mask; plain products beat the fused kernel here
-            y = ((q @ k.transpose(-2, -1)) * self.head_dim**-0.5).softmax(dim=-1) @ v
+        elif T == 1:  # one new token sees every cached one: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, start + T, start, x.device))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
