@@ -331,11 +331,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _softcap(model, logits: torch.Tensor) -> torch.Tensor:
-    cap = model.config.logit_softcap
-    return cap * torch.tanh(logits / cap) if cap > 0 else logits
-
-
 @torch.no_grad()
 def generate_logits(model, ids: list[int]) -> torch.Tensor:
     """The logits after ids exactly as generation computes them: prefill on a fresh KV cache."""
@@ -520,7 +515,7 @@ def _residual_after(forward: TracedForward, layer: int) -> torch.Tensor:
 
 
 def _lens_logits(model, forward: TracedForward, layer: int) -> torch.Tensor:
-    return _softcap(model, model.head(model.final_norm(_residual_after(forward, layer)))).float()
+    return model.readout(_residual_after(forward, layer)).float()
 
 
 def _logit_lens(model, forward, focus: int, target_id: int, top_candidates, top_k: int) -> tuple[LensLayer, ...]:

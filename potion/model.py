@@ -248,16 +248,20 @@ class GPT(nn.Module):
             x = block(x, rope, cache.layers[i] if cache is not None else None, start, record, value_embedding)
         if cache is not None:
             cache.length = start + T
-        x = self.final_norm(x)
         if targets is None and cache is not None:
             x = x[:, -1:]  # generation only needs the last position's prediction
-        logits = self.head(x)  # (B, T, V)
-        if self.config.logit_softcap > 0:
-            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        logits = self.readout(x)  # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream (..., C) -> next-token logits (..., V): final norm, output layer, optional soft-cap."""
+        logits = self.head(self.final_norm(x))
+        if self.config.logit_softcap > 0:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        return logits
 
     def new_cache(self, batch_size: int = 1) -> KVCache:
         p = next(self.parameters())
