@@ -13,10 +13,16 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+# The benchmarks describe the machine the way potion itself sees it (its bf16 and thread choices).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from potion.hardware import cpu_flags, cpu_has_fast_bf16, physical_cores  # noqa: E402
 
 
 def _cpuinfo_text() -> str:
@@ -32,36 +38,6 @@ def cpu_model_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_flags() -> set[str]:
-    for line in _cpuinfo_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has bf16 matmul hardware (AVX-512 BF16 or AMX).
-
-    Without it PyTorch emulates bf16 matmuls, which can be hundreds of times slower than fp32,
-    so benchmarks must not pick bf16 on such a CPU.
-    """
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def physical_cores() -> int:
-    """Physical cores usable by this process (hyperthreads do not help matmul-bound work)."""
-    cores: set[tuple[str, str]] = set()
-    phys = None
-    for line in _cpuinfo_text().splitlines():
-        if line.startswith("physical id"):
-            phys = line.split(":", 1)[1].strip()
-        elif line.startswith("core id"):
-            cores.add((phys or "0", line.split(":", 1)[1].strip()))
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # A container may be allowed fewer CPUs than the host has cores; never report more than usable.
-    return max(1, min(len(cores), logical) if cores else logical)
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict:
