@@ -83,20 +83,26 @@ def muon_needs_fp32(device_type: str) -> bool:
 
 
 def orthogonalise(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately replace g by the nearest semi-orthogonal matrix (U V^T of its SVD) by Newton-Schulz steps."""
+    """Approximately replace each matrix in g (shape (..., m, n)) by the nearest semi-orthogonal one (U V^T of its
+    SVD) by Newton-Schulz steps. Matrices of one shape go through together: one batched product instead of many
+    small ones, which is what makes Muon cheap next to a small model's forward and backward pass."""
     a, b, c = 3.4445, -4.7750, 2.0315  # a quintic tuned to push singular values towards 1 fast
-    x = g / (g.norm() + eps)
-    transposed = x.size(0) > x.size(1)
-    if transposed:
-        x = x.T
+    shape = g.shape
+    x = g.reshape(-1, *shape[-2:])
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:  # work on the wide orientation, so the Gram matrix is the smaller one
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * gram + c * gram @ gram
+        x = torch.baddbmm(x, poly, x, beta=a)  # a * x + poly @ x
+    return (x.mT if transposed else x).reshape(shape)
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, then an orthogonalised update: for torch builds without torch.optim.Muon."""
+    """Momentum, then an orthogonalised update: for torch builds without torch.optim.Muon, and for CPUs where
+    torch's bf16 Newton-Schulz is slow."""
 
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
@@ -104,15 +110,20 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
+            same_shape: dict[torch.Size, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = orthogonalise(p.grad + group["momentum"] * buf)  # Nesterov momentum
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+                if p.grad is not None:
+                    same_shape.setdefault(p.shape, []).append(p)
+            for shape, params in same_shape.items():
+                grads = [p.grad for p in params]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
+                updates = orthogonalise(nesterov).to(params[0].dtype).unbind(0)
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, updates, alpha=-group["lr"] * scale)
 
 
 def set_learning_rate(optimizers: list[torch.optim.Optimizer], step: int, config: TrainConfig) -> float:

@@ -58,3 +58,11 @@ def test_our_muon_lowers_a_loss():
         loss.backward()
         opt.step()
     assert float(((w.detach() - target) ** 2).mean()) < 0.5 * start
+
+
+def test_orthogonalising_a_stack_equals_one_matrix_at_a_time():
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 16, 16), (2, 32, 8), (2, 8, 32)]:
+        stack = torch.randn(*shape, generator=gen)
+        one_by_one = torch.stack([optim.orthogonalise(g) for g in stack])
+        torch.testing.assert_close(optim.orthogonalise(stack), one_by_one, rtol=1e-5, atol=1e-6)
