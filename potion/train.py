@@ -289,7 +289,7 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
     bar = tqdm(total=tc.max_steps, initial=step, disable=quiet, dynamic_ncols=True, file=sys.stderr, unit="step")
     last_train_loss, last_val = math.nan, math.nan
     window_start, speed = time.time(), 0.0
-    last_plot = 0.0
+    last_plot = started  # the first drawing waits until the run has a curve to show
     first_step, train_seconds = step, 0.0  # train_seconds: time in training steps only, evaluation excluded
     nonfinite_run = 0  # non-finite steps in a row; while > 0 nothing is checkpointed
     stop_requested = install_interrupt_handler()
