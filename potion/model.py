@@ -61,17 +61,27 @@ class LayerCache:
     value: torch.Tensor  # (B, H, context_length, D)
 
 
+@dataclass
 class KVCache:
     """One LayerCache per block plus the number of positions already filled."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, device, dtype):
+    layers: list[LayerCache]
+    length: int
+    capacity: int
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch_size: int, device, dtype) -> "KVCache":
         shape = (batch_size, config.n_head, config.context_length, config.head_dim)
-        self.layers = [
-            LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-            for _ in range(config.n_layer)
-        ]
-        self.length = 0
-        self.capacity = config.context_length
+        layers = [LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                  for _ in range(config.n_layer)]
+        return cls(layers, 0, config.context_length)
+
+    def to(self, dtype: torch.dtype) -> "KVCache":
+        """This cache with its keys and values in dtype (itself when they already are)."""
+        if self.layers[0].key.dtype == dtype:
+            return self
+        layers = [LayerCache(layer.key.to(dtype), layer.value.to(dtype)) for layer in self.layers]
+        return KVCache(layers, self.length, self.capacity)
 
 
 class Attention(nn.Module):
@@ -265,7 +275,7 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int = 1) -> KVCache:
         p = next(self.parameters())
-        return KVCache(self.config, batch_size, p.device, p.dtype)
+        return KVCache.empty(self.config, batch_size, p.device, p.dtype)
 
     def generate(self, idx, max_new_tokens: int, **sampling):
         """Yield new token ids one at a time; see potion.generate.generate_tokens for the options."""

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from potion import GPT, ModelConfig, PotionError, SamplingConfig, generate_text
-from potion.generate import apply_top_k, apply_top_p, encode_prompt, sample_next
+from potion import generate
+from potion.generate import (apply_top_k, apply_top_p, decode_one_token, decoding_dtype, decoding_model,
+                             encode_prompt, prefill, sample_next)
 from potion.tokenizer import CharTokenizer
 
 
@@ -25,7 +27,7 @@ def test_greedy_is_argmax():
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                    dict(num_samples=0)])
+                                    dict(num_samples=0), dict(decode_dtype="fp16")])
 def test_bad_sampling_values(kwargs):
     with pytest.raises(PotionError):
         SamplingConfig(**kwargs)
@@ -49,9 +51,10 @@ def test_same_seed_same_text(tiny):
     assert a[0].text != c[0].text
 
 
-def test_max_tokens_and_generation_past_the_context(tiny):
+@pytest.mark.parametrize("decode_dtype", ["fp32", "bf16"])
+def test_max_tokens_and_generation_past_the_context(tiny, decode_dtype):
     model, tok = tiny
-    s = SamplingConfig(max_new_tokens=50, temperature=1.0, seed=1)  # 50 > context of 16
+    s = SamplingConfig(max_new_tokens=50, temperature=1.0, seed=1, decode_dtype=decode_dtype)  # 50 > context of 16
     (sample,), _ = generate_text(_never_eot(model, tok), tok, "ab", s)
     assert sample.tokens == 50 and sample.finish_reason == "length"
 
@@ -114,3 +117,26 @@ def test_prompt_longer_than_context_keeps_the_end(tiny):
         ids = encode_prompt(tok, "abcdefgh" * 4, 16)
     assert tok.decode(ids) == ("abcdefgh" * 4)[-16:]
     assert encode_prompt(tok, "", 16) == [tok.eot_id]
+
+
+def test_auto_decodes_in_bf16_only_where_reading_weights_dominates(tiny, monkeypatch):
+    model, _ = tiny
+    assert decoding_dtype(model, "auto") == torch.float32  # a few KB of weights: a step is all overhead
+    monkeypatch.setattr(generate, "BF16_DECODE_MIN_BYTES", 1)
+    assert decoding_dtype(model, "auto") == torch.bfloat16
+    assert decoding_dtype(model, "fp32") == torch.float32
+
+
+def test_bf16_decode_steps_follow_the_fp32_forward_pass():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, context_length=32, n_layer=2, n_head=2, n_embd=32, positions="rope")).eval()
+    idx = torch.randint(0, 50, (1, 20))
+    with torch.inference_mode():
+        full = model(idx)
+        cache = model.new_cache(1)
+        prefill(model, idx[:, :8], cache)  # the prompt in fp32, then the one-token steps through a bf16 copy
+        decoder, cache = decoding_model(model, torch.bfloat16), cache.to(torch.bfloat16)
+        steps = torch.stack([decode_one_token(decoder, idx[:, t], cache) for t in range(8, 19)], 1).float()
+    assert cache.length == 19 and next(model.parameters()).dtype == torch.float32  # the model itself is untouched
+    error = (steps - full[:, 8:19]).abs().max()
+    assert 0 < error < 0.02 * full.abs().max()  # bf16 rounding, nothing more
