@@ -3,8 +3,10 @@
 The reference (benchmarks/reference_gpt.py in its default CPU recipe: 4 layers, 4 heads, 128 wide, 64 context,
 batch 12, fp32, AdamW lr 1e-3, 2,000 steps, evaluated every 50 steps) runs first, to --reference-target; then
 potion's trainer runs a preset to --target, stopping there (train.stop_at_loss), evaluating every --eval-every
-steps. Both clocks include evaluation and start-up (potion's: tokenizing, model build, compile if on), so the
-figure is what a person waits. Both validate on fixed batches from the last 10% of Tiny Shakespeare.
+steps. Both clocks start once torch is imported and include everything after: reading the data, building the
+model and optimizer, evaluation (and potion's compile, if on), so the figure is what a person waits. Both validate
+on the same number of tokens (potion's batch count is scaled to its batch size), on fixed batches from the last 10%
+of Tiny Shakespeare; potion also measures the training split at each evaluation, and pays for it.
 
 Usage (from the project root):
     python benchmarks/time_to_loss.py --preset tiny --target 1.88
@@ -42,10 +44,15 @@ def reference_time_to_loss(target: float, threads: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+REFERENCE_EVAL_TOKENS = 20 * 12 * 64  # reference_gpt.py's validation set: 20 batches of 12 x 64
+
+
 def potion_time_to_loss(preset: str, target: float, eval_every: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
+        shape = resolve(preset, None, overrides)
+        eval_batches = max(1, round(REFERENCE_EVAL_TOKENS / (shape.train.batch_size * shape.model.context_length)))
         config = resolve(preset, None, [f"data={DEFAULT_DATA}", f"eval_every={eval_every}", "sample_tokens=0",
-                                        f"stop_at_loss={target}", *overrides])
+                                        f"stop_at_loss={target}", f"eval_batches={eval_batches}", *overrides])
         launched = time.time()
         summary = train(config, out=Path(tmp) / "run", quiet=True)
         wall = time.time() - launched
