@@ -4,9 +4,9 @@ The reference (benchmarks/reference_gpt.py in its default CPU recipe: 4 layers, 
 batch 12, fp32, AdamW lr 1e-3, 2,000 steps, evaluated every 50 steps) runs first, to --reference-target; then
 potion's trainer runs a preset to --target, stopping there (train.stop_at_loss), evaluating every --eval-every
 steps. Both clocks start once torch is imported and include everything after: reading the data, building the
-model and optimizer, evaluation (and potion's compile, if on), so the figure is what a person waits. Both validate
-on the same number of tokens (potion's batch count is scaled to its batch size), on fixed batches from the last 10%
-of Tiny Shakespeare; potion also measures the training split at each evaluation, and pays for it.
+model and optimizer, evaluation (and potion's compile, if on), so the figure is what a person waits. Evaluation
+is the same work on both sides: the validation split only (potion: eval_train_split=false), the same number of
+tokens (potion's batch count is scaled to its batch size), fixed batches from the last 10% of Tiny Shakespeare.
 
 Usage (from the project root):
     python benchmarks/time_to_loss.py --preset tiny --target 1.88
@@ -52,7 +52,8 @@ def potion_time_to_loss(preset: str, target: float, eval_every: int, overrides: 
         shape = resolve(preset, None, overrides)
         eval_batches = max(1, round(REFERENCE_EVAL_TOKENS / (shape.train.batch_size * shape.model.context_length)))
         config = resolve(preset, None, [f"data={DEFAULT_DATA}", f"eval_every={eval_every}", "sample_tokens=0",
-                                        f"stop_at_loss={target}", f"eval_batches={eval_batches}", *overrides])
+                                        f"stop_at_loss={target}", f"eval_batches={eval_batches}", "eval_train_split=false",
+                                        *overrides])
         launched = time.time()
         summary = train(config, out=Path(tmp) / "run", quiet=True)
         wall = time.time() - launched

@@ -107,6 +107,7 @@ class TrainConfig:
     muon_lr: float = 0.02
     eval_every: int = 250
     eval_batches: int = 20
+    eval_train_split: bool = True  # also measure fixed training batches at each evaluation (false: validation only)
     checkpoint_every: int = 0  # 0 = at every evaluation
     keep_checkpoints: int = 2
     sample_tokens: int = 200  # length of the sample printed at each evaluation; 0 = none

@@ -111,7 +111,9 @@ def plot_losses(run_dir: Path) -> None:
     if train:
         ax.plot(*zip(*train), color="#bbb", lw=1, label="train (batch)")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+        measured = [r for r in evals if r.get("train_loss") is not None]
+        if measured:
+            ax.plot([r["step"] for r in measured], [r["train_loss"] for r in measured], "o-", label="train (eval)")
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
@@ -299,7 +301,8 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
             done = step >= tc.max_steps or out_of_time or stop_requested.is_set()
             resumed_here = step == first_step and restored
             if (step % tc.eval_every == 0 or done) and not resumed_here:
-                last_train_loss = estimate_loss(compiled, eval_sets["train"], device, dtype)
+                last_train_loss = (estimate_loss(compiled, eval_sets["train"], device, dtype) if tc.eval_train_split
+                                   else None)
                 last_val = estimate_loss(compiled, eval_sets["val"], device, dtype)
                 done = done or 0 < last_val <= tc.stop_at_loss
                 improved = last_val < best_val
@@ -315,7 +318,8 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
                 if tc.probe:  # attention and prediction for one prompt at every evaluation: watch them form
                     save_probe(ckpt.unwrap(model), tokenizer, tc.probe, run_dir, step)
                 if not quiet:
-                    log(f"step {step}: train loss {last_train_loss:.4f}, val loss {last_val:.4f}"
+                    train_part = f"train loss {last_train_loss:.4f}, " if last_train_loss is not None else ""
+                    log(f"step {step}: {train_part}val loss {last_val:.4f}"
                         f"{' (best)' if improved else ''}")
                     if tc.sample_tokens and step > 0:
                         log("  | " + sample_text(model, tokenizer, tc.sample_tokens, tc.seed + step, device)

@@ -400,3 +400,14 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(corpus, tmp_path, capsys):
     # a lock cut short (its writer killed mid-write) is stale too
     (run / ckpt.LOCK_NAME).write_text('{"pid": 12')
     assert main(["train", "--resume", "--out", str(run), "--max-steps", "10", "--quiet"]) == 0
+
+
+def test_validation_only_evaluations_leave_training_unchanged(corpus, tmp_path):
+    both = train(tiny_config(corpus, "max_steps=10", "eval_every=5"), out=tmp_path / "both", quiet=True)
+    val_only = train(tiny_config(corpus, "max_steps=10", "eval_every=5", "eval_train_split=false"),
+                     out=tmp_path / "val", quiet=True)
+    evals = [json.loads(line) for line in (tmp_path / "val" / "log.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 5, 10] and all(r["train_loss"] is None for r in evals)
+    assert val_only["val_loss"] == both["val_loss"] and both["train_loss"] is not None
+    assert (tmp_path / "val" / "loss.png").stat().st_size > 0
