@@ -13,7 +13,6 @@ Usage (from the project root):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

@@ -3,7 +3,8 @@
 from .checkpoint import load
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import PotionError
-from .explain import Explanation, explain
+from .explain import explain
+from .explanation import Explanation
 from .generate import SamplingConfig, generate_text
 from .model import GPT
 

@@ -104,7 +104,8 @@ def cmd_eval(args) -> int:
 
 def cmd_explain(args) -> int:
     from .checkpoint import latest_run, load
-    from .explain import explain, load_probes, save_json
+    from .explain import explain
+    from .explanation import load_probes, save_json
     from .explain_text import render_text, use_color
 
     run_dir = Path(args.model) if args.model else latest_run()

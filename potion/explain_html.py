@@ -12,7 +12,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from .explain import Explanation
+from .explanation import Explanation
 
 MAX_PROBES = 120  # steps kept for the slider; more are thinned evenly (the first and last are always kept)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .explain import Explanation
+from .explanation import Explanation
 
 MAX_COLUMNS = 64  # tokens drawn with their labels; longer prompts show the window that ends at the focus
 

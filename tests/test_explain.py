@@ -13,7 +13,8 @@ import potion
 from potion.checkpoint import save_tensors, model_state, write_config
 from potion.config import ModelConfig, RunConfig
 from potion.errors import PotionError
-from potion.explain import Explanation, explain, load_json, load_probes, save_probe, visible
+from potion.explain import explain, save_probe
+from potion.explanation import Explanation, load_json, load_probes, visible
 from potion.explain_html import render_html
 from potion.explain_text import render_text
 from potion.model import GPT
