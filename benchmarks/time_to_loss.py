@@ -52,8 +52,8 @@ def potion_time_to_loss(preset: str, target: float, eval_every: int, overrides: 
         shape = resolve(preset, None, overrides)
         eval_batches = max(1, round(REFERENCE_EVAL_TOKENS / (shape.train.batch_size * shape.model.context_length)))
         config = resolve(preset, None, [f"data={DEFAULT_DATA}", f"eval_every={eval_every}", "sample_tokens=0",
-                                        f"stop_at_loss={target}", f"eval_batches={eval_batches}", "eval_train_split=false",
-                                        *overrides])
+                                        f"stop_at_loss={target}", f"eval_batches={eval_batches}",
+                                        "eval_train_split=false", *overrides])
         launched = time.time()
         summary = train(config, out=Path(tmp) / "run", quiet=True)
         wall = time.time() - launched

@@ -26,7 +26,9 @@ import torch
 
 from .errors import PotionError
 from .explanation import (
-    FORMAT, visible, Token, Candidate, Expected, KeyWeight, WorkedExample, HeadAttention, AverageKey, HeadAverage, LensLayer, OcclusionEffect, LogitPart, LogitAttribution, AttentionMatrices, Checks, ModelSummary, Explanation, save_json, probe_path,
+    FORMAT, visible, Token, Candidate, Expected, KeyWeight, WorkedExample, HeadAttention, AverageKey, HeadAverage,
+    LensLayer, OcclusionEffect, LogitPart, LogitAttribution, AttentionMatrices, Checks, ModelSummary, Explanation,
+    save_json, probe_path,
 )
 
 WORKED_ENTRIES = 4  # vector entries spelled out in the worked example; the rest are summed as "more terms"
