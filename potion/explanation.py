@@ -25,8 +25,6 @@ def visible(text: str) -> str:
     return "".join(VISIBLE.get(c, chr(0x2400 + ord(c)) if ord(c) < 0x20 else c) for c in text)
 
 
-
-
 @dataclass(frozen=True)
 class Token:
     index: int
