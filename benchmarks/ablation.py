@@ -73,7 +73,8 @@ def main(argv=None) -> None:
     common = ["eval_batches=20", *args.set]
     rows = {**CHANGES, "chosen combination": COMBINATION, "chosen combination + wsd": [*COMBINATION, "schedule=wsd"]}
     emit({"benchmark": "ablation", "machine": machine_info("cpu"), "threads": args.threads,
-          "torch_version": torch.__version__, "dtype": str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch."), "steps": args.steps,
+          "torch_version": torch.__version__,
+          "dtype": str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch."), "steps": args.steps,
           "common": common, "baseline": BASELINE})
     for name, changes in rows.items():
         if args.only and name not in args.only:

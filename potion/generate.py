@@ -99,16 +99,15 @@ def decoding_dtype(model, decode_dtype: str = "auto") -> torch.dtype:
     and on a CPU once the weights are big enough for their reading to dominate; fp32 keeps decoding bit-exact
     with the full forward pass.
     """
-    own = next(model.parameters()).dtype
     if decode_dtype == "fp32":
         return torch.float32
     if decode_dtype == "bf16":
         return torch.bfloat16
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else own
+    first = next(model.parameters())
+    if first.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else first.dtype
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return torch.bfloat16 if device.type == "cpu" and weight_bytes >= BF16_DECODE_MIN_BYTES else own
+    return torch.bfloat16 if first.device.type == "cpu" and weight_bytes >= BF16_DECODE_MIN_BYTES else first.dtype
 
 
 def decoding_model(model, dtype: torch.dtype):
@@ -140,12 +139,13 @@ def generate_tokens(
     context = model.config.context_length
     if idx.size(1) > context:
         idx = idx[:, -context:]
-    decoder = decoding_model(model, decoding_dtype(model, decode_dtype))
+    decode_as = decoding_dtype(model, decode_dtype)
+    decoder = decoding_model(model, decode_as)
 
     def start(ids):  # prefill a fresh cache, then hand it to the decoder in the decoder's precision
         cache = model.new_cache(ids.size(0))
         logits = prefill(model, ids, cache)
-        return logits, cache.to(next(decoder.parameters()).dtype)
+        return logits, cache.to(decode_as)
 
     history = idx
     logits, cache = start(idx)

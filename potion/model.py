@@ -72,8 +72,10 @@ class KVCache:
     @classmethod
     def empty(cls, config: ModelConfig, batch_size: int, device, dtype) -> "KVCache":
         shape = (batch_size, config.n_head, config.context_length, config.head_dim)
-        layers = [LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                  for _ in range(config.n_layer)]
+        def zeros():
+            return torch.zeros(shape, device=device, dtype=dtype)
+
+        layers = [LayerCache(zeros(), zeros()) for _ in range(config.n_layer)]
         return cls(layers, 0, config.context_length)
 
     def to(self, dtype: torch.dtype) -> "KVCache":
