@@ -6,7 +6,6 @@ norm gains. The schedule is a pure function of the step, so a resumed run picks 
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -62,24 +61,34 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str
               for g in parameter_groups(model, config.weight_decay)]
     for g in groups:
         g["peak_lr"] = config.learning_rate
-    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=config.learning_rate, betas=(config.beta1, config.beta2),
-        fused=fused or None
+        fused=has_fused_adamw(device_type) or None
     )]
     if muon_params:
-        muon_class = Muon if muon_needs_fp32(device_type) else getattr(torch.optim, "Muon", None) or Muon
-        muon = muon_class(muon_params, lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95)
+        # bf16 Newton-Schulz where bf16 is fast; on CPUs without bf16 hardware it would be hundreds of times slower
+        fast_bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_has_fast_bf16())
+        muon = Muon(muon_params, lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95,
+                    orthogonalise_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
         for g in muon.param_groups:
             g["peak_lr"] = config.muon_lr
         optimizers.append(muon)
     return optimizers
 
 
-def muon_needs_fp32(device_type: str) -> bool:
-    """torch.optim.Muon orthogonalises in bf16, which is hundreds of times slower than fp32 on CPUs without
-    bf16 hardware; there our own Muon, which stays in fp32, is used instead."""
-    return device_type == "cpu" and not cpu_has_fast_bf16()
+def has_fused_adamw(device_type: str) -> bool:
+    """The fused AdamW kernel: one pass over the parameters, and it can drop a step on the device (found_inf)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return device_type in _get_fused_kernels_supported_devices()
+    except ImportError:  # older torch builds: fused on CUDA only
+        return device_type == "cuda"
+
+
+def can_skip_on_device(optimizers: list[torch.optim.Optimizer]) -> bool:
+    """Whether every optimizer honours `found_inf` (a 0/1 tensor: 1 drops the step), so that a non-finite step can
+    be dropped without reading anything back to the host."""
+    return all(isinstance(opt, Muon) or opt.defaults.get("fused") for opt in optimizers)
 
 
 def orthogonalise(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -101,14 +110,19 @@ def orthogonalise(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, then an orthogonalised update: for torch builds without torch.optim.Muon, and for CPUs where
-    torch's bf16 Newton-Schulz is slow."""
+    """Momentum, then an orthogonalised update. potion's own rather than torch.optim.Muon: it orthogonalises all
+    matrices of one shape in one batched product, and like fused AdamW it honours `found_inf`, so a step with a
+    NaN or inf gradient is dropped on the device without a host sync."""
 
-    def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95):
+    def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
+                 orthogonalise_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        self.orthogonalise_dtype = orthogonalise_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
+        found_inf = getattr(self, "found_inf", None)
+        keep = 1.0 if found_inf is None else 1.0 - found_inf  # 0 turns every update below into "stay as you are"
         for group in self.param_groups:
             same_shape: dict[torch.Size, list[torch.Tensor]] = {}
             for p in group["params"]:
@@ -116,14 +130,17 @@ class Muon(torch.optim.Optimizer):
                     same_shape.setdefault(p.shape, []).append(p)
             for shape, params in same_shape.items():
                 grads = [p.grad for p in params]
+                if found_inf is not None:  # a dropped step's NaNs must not reach the momentum
+                    grads = [torch.where(found_inf == 0, g, 0.0) for g in grads]
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_mul_(bufs, 1.0 + (group["momentum"] - 1.0) * keep)  # a dropped step keeps them
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
-                updates = orthogonalise(nesterov).to(params[0].dtype).unbind(0)
+                updates = list(orthogonalise(nesterov.to(self.orthogonalise_dtype)).to(params[0].dtype).unbind(0))
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
-                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-                torch._foreach_add_(params, updates, alpha=-group["lr"] * scale)
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"] * keep)
+                torch._foreach_mul_(updates, -group["lr"] * scale * keep)
+                torch._foreach_add_(params, updates)
 
 
 def set_learning_rate(optimizers: list[torch.optim.Optimizer], step: int, config: TrainConfig) -> float:

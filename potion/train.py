@@ -24,13 +24,13 @@ from .explain import check_probe, save_probe
 from .generate import generate_tokens
 from .hardware import autocast, matmul_peak_tflops, maybe_compile, pick_device, pick_dtype, set_threads
 from .model import GPT
-from .optim import make_optimizer, set_learning_rate
+from .optim import can_skip_on_device, make_optimizer, set_learning_rate
 
 # Fields that may differ between a run and its resumption: they change when and how long, not what is learned.
 RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", "train.eval_every",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.sample_tokens", "train.device",
                      "train.compile", "train.probe", "train.max_nonfinite_steps"}
-LOG_EVERY = 10  # steps between loss read-backs from the device (each one is a host sync)
+LOG_EVERY = 10  # steps between loss read-backs from the device (on a GPU each one waits for the queued work)
 PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
 
 
@@ -203,6 +203,44 @@ def refuse_existing(out: Path) -> None:
         raise PotionError(f"run directory '{out}' already exists; pass --resume to continue it or choose another --out")
 
 
+class NonfiniteSteps:
+    """Counts, on the device, the steps whose loss or gradient norm is NaN or inf, and has the optimizers drop
+    them there (their `found_inf`), so that a step needs no host sync: the loop reads the counts back only now
+    and then. Optimizers that cannot drop a step on the device are skipped from the host instead."""
+
+    def __init__(self, device: torch.device, optimizers: list, total: int = 0, since_last_row: int = 0):
+        self.optimizers, self.on_device = optimizers, can_skip_on_device(optimizers)
+        self.dropped = torch.zeros((), device=device)  # 1.0 while the current step is being dropped
+        self.in_a_row, self.since_last_row, self.total = (torch.tensor(float(n), device=device)
+                                                           for n in (0, since_last_row, total))
+        if self.on_device:
+            for opt in optimizers:
+                opt.found_inf = self.dropped
+
+    def step(self, finite: torch.Tensor) -> None:
+        """Apply the optimizers unless `finite` (a boolean tensor) is false, and count."""
+        self.dropped.copy_(~finite)
+        if self.on_device:
+            for opt in self.optimizers:
+                opt.step()
+        elif bool(finite):  # a host sync, for optimizers without found_inf
+            for opt in self.optimizers:
+                opt.step()
+        self.in_a_row.mul_(self.dropped).add_(self.dropped)
+        self.since_last_row.add_(self.dropped)
+        self.total.add_(self.dropped)
+
+    def read(self) -> tuple[int, int, int]:
+        """(in a row, since the last train row, in all): one host sync."""
+        return tuple(int(n) for n in torch.stack([self.in_a_row, self.since_last_row, self.total]).tolist())
+
+
+def host_read_interval(device: torch.device) -> int:
+    """Steps between reads of the non-finite counts: every step on a CPU, where a read costs nothing, so a streak
+    stops training at once; on a GPU only when the loss is logged anyway, so steps queue up without waiting."""
+    return 1 if device.type == "cpu" else LOG_EVERY
+
+
 def grad_norm(model, clip: float) -> torch.Tensor:
     """Clip (when clip > 0) and return the total gradient norm; NaN/inf gradients make it non-finite."""
     return torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
@@ -255,7 +293,7 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
     tokens_per_step = tc.batch_size * tc.grad_accum * T
     step, best_val, tokens_seen, nonfinite_total = 0, math.inf, 0, 0
     loss_sum = torch.zeros((), device=device)  # summed batch losses of the finite steps since the last train row
-    window_steps, window_finite, window_nonfinite = 0, 0, 0
+    window_steps, window_nonfinite = 0, 0
     restored = ckpt.load_latest_checkpoint(run_dir, model, optimizers) if resume else None
     last_saved = restored[0] if restored else None
     if restored:
@@ -265,7 +303,7 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
         window = state.get("log_window")
         if window:
             loss_sum.fill_(window[0])
-            window_steps, window_finite, window_nonfinite = window[1:]
+            window_steps, _, window_nonfinite = window[1:]
         batches.set_state(state["batches"])
         rng_restore(state["rng"], rng)
         log(f"potion: resuming {run_dir} from step {step} (best validation loss {best_val:.4f})")
@@ -277,13 +315,14 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
             f"device {device.type}, {str(dtype).removeprefix('torch.')}, {threads} threads -> {run_dir}")
 
     compiled = maybe_compile(model, tc.compile, device)
+    nonfinite = NonfiniteSteps(device, optimizers, nonfinite_total, window_nonfinite)
 
     def save_resume_state(val_loss=None):
         nonlocal last_saved
         json_rng, tensor_rng = rng_snapshot()
         state = {"best_val_loss": best_val, "val_loss": val_loss, "tokens": tokens_seen, "batches": batches.state(),
                  "rng": json_rng, "nonfinite_steps": nonfinite_total,
-                 "log_window": [float(loss_sum), window_steps, window_finite, window_nonfinite]}
+                 "log_window": [float(loss_sum), window_steps, window_steps - window_nonfinite, window_nonfinite]}
         last_saved = ckpt.save_checkpoint(run_dir, step, model, optimizers, state, tensor_rng, tc.keep_checkpoints)
 
     # model FLOPs utilisation: the model's useful arithmetic per second over the matmul peak measured here
@@ -293,13 +332,33 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
     window_start, speed = time.time(), 0.0
     last_plot = started  # the first drawing waits until the run has a curve to show
     first_step, train_seconds = step, 0.0  # train_seconds: time in training steps only, evaluation excluded
-    nonfinite_run = 0  # non-finite steps in a row; while > 0 nothing is checkpointed
+    nonfinite_run = 0  # non-finite steps in a row, as last read; while > 0 nothing is checkpointed
+    read_every = host_read_interval(device)
+
+    def read_nonfinite():
+        nonlocal nonfinite_run, window_nonfinite, nonfinite_total
+        streak_before = nonfinite_run
+        nonfinite_run, window_nonfinite, nonfinite_total = nonfinite.read()
+        if nonfinite_run and not streak_before:
+            log(f"potion: warning: step {step - nonfinite_run}: the loss or gradient norm is not finite; skipping "
+                "the optimizer step")
+        if nonfinite_run >= tc.max_nonfinite_steps:
+            kept = f"the last checkpoint ({last_saved.name}) is untouched: resume from it" if last_saved else \
+                "no checkpoint was written"
+            raise PotionError(
+                f"stopped at step {step}: {nonfinite_run} steps in a row had a non-finite (NaN or inf) loss or "
+                f"gradient norm, so none was applied; {kept}, or train again with a lower learning_rate"
+            )
+
     stop_requested = install_interrupt_handler()
     try:
         while True:
             out_of_time = tc.max_time > 0 and time.time() - started >= tc.max_time
             done = step >= tc.max_steps or out_of_time or stop_requested.is_set()
             resumed_here = step == first_step and restored
+            if not resumed_here and (step % tc.eval_every == 0 or done or
+                                     (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
+                read_nonfinite()  # fresh counts for the eval row and for the "healthy" test before a checkpoint
             if (step % tc.eval_every == 0 or done) and not resumed_here:
                 last_train_loss = (estimate_loss(compiled, eval_sets["train"], device, dtype) if tc.eval_train_split
                                    else None)
@@ -345,35 +404,20 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
                 (loss / tc.grad_accum).backward()
                 step_loss += loss.detach().float() / tc.grad_accum
             norm = grad_norm(model, tc.grad_clip)
-            # One host sync per step: a NaN or inf has to be caught before the optimizer spreads it into the weights.
-            if bool(torch.isfinite(step_loss) & torch.isfinite(norm)):
-                for opt in optimizers:
-                    opt.step()
-                loss_sum += step_loss
-                window_finite += 1
-                nonfinite_run = 0
-            else:
-                nonfinite_run += 1
-                nonfinite_total += 1
-                window_nonfinite += 1
-                if nonfinite_run == 1:
-                    log(f"potion: warning: step {step}: the loss or gradient norm is not finite; skipping the "
-                        "optimizer step")
+            finite = torch.isfinite(step_loss) & torch.isfinite(norm)
+            nonfinite.step(finite)  # a NaN or inf is caught before the optimizers can spread it into the weights
+            loss_sum += torch.where(finite, step_loss, 0.0)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
-            train_seconds += time.time() - step_started
             window_steps += 1
+            if step % read_every == 0 or step % LOG_EVERY == 0:
+                read_nonfinite()
+            train_seconds += time.time() - step_started
             bar.update(1)
-            if nonfinite_run >= tc.max_nonfinite_steps:
-                kept = f"the last checkpoint ({last_saved.name}) is untouched: resume from it" if last_saved else \
-                    "no checkpoint was written"
-                raise PotionError(
-                    f"stopped at step {step}: {nonfinite_run} steps in a row had a non-finite (NaN or inf) loss or "
-                    f"gradient norm, so none was applied; {kept}, or train again with a lower learning_rate"
-                )
             if step % LOG_EVERY == 0:
+                window_finite = window_steps - window_nonfinite
                 batch_loss = float(loss_sum) / window_finite if window_finite else None
                 now = time.time()
                 speed = window_steps * tokens_per_step / max(now - window_start, 1e-9)
@@ -386,7 +430,8 @@ def train_locked(config: RunConfig, run_dir: Path, device: torch.device, tokeniz
                     postfix["left"] = f"{max(tc.max_time - (now - started), 0):.0f}s"
                 bar.set_postfix(postfix, refresh=False)
                 loss_sum.zero_()
-                window_start, window_steps, window_finite, window_nonfinite = now, 0, 0, 0
+                nonfinite.since_last_row.zero_()
+                window_start, window_steps, window_nonfinite = now, 0, 0
     finally:
         stop_requested.restore()
         bar.close()

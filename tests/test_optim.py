@@ -36,14 +36,44 @@ def test_orthogonalise_pushes_singular_values_towards_one():
     assert singular.min() > 0.5 and singular.max() < 1.5
 
 
-def test_muon_stays_in_fp32_on_a_cpu_without_bf16_hardware(monkeypatch):
-    monkeypatch.setattr(optim, "cpu_has_fast_bf16", lambda: False)
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_muon_takes_the_hidden_matrices_and_uses_bf16_only_where_it_is_fast(monkeypatch, fast_bf16):
+    monkeypatch.setattr(optim, "cpu_has_fast_bf16", lambda: fast_bf16)
     model = GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=2, n_embd=8))
     adamw, muon = optim.make_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
     assert isinstance(muon, optim.Muon)
+    assert muon.orthogonalise_dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     assert muon_ids == {id(p) for p in optim.hidden_matrices(model)}
     assert not muon_ids & {id(p) for g in adamw.param_groups for p in g["params"]}
+
+
+def test_a_step_marked_found_inf_changes_no_weight_and_no_optimizer_state():
+    model = GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=2, n_embd=8))
+    optimizers = optim.make_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
+    assert optim.can_skip_on_device(optimizers)
+    found_inf = torch.zeros(())
+    for opt in optimizers:
+        opt.found_inf = found_inf
+
+    def step(grad_value=None):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) if grad_value is None else torch.full_like(p, grad_value)
+        for opt in optimizers:
+            opt.step()
+
+    def snapshot():
+        return [t.clone() for t in model.state_dict().values()] + [
+            t.clone() for opt in optimizers for s in opt.state.values() for t in s.values()]
+
+    step()
+    before = snapshot()
+    found_inf.fill_(1.0)
+    step(float("nan"))
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+    found_inf.fill_(0.0)
+    step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
 
 
 def test_our_muon_lowers_a_loss():

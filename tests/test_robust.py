@@ -2,6 +2,7 @@
 one training per run directory."""
 
 import errno
+import importlib
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import potion.checkpoint as ckpt
 from potion.config import ModelConfig, resolve
@@ -23,6 +25,8 @@ from potion.errors import PotionError
 from potion.model import GPT
 from potion.optim import make_optimizer
 from potion.train import train
+
+training_loop = importlib.import_module("potion.train")  # the module: potion.train is also the function
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["n_layer=2", "n_embd=32", "n_head=2", "context_length=32", "batch_size=8", "eval_batches=2",
@@ -280,7 +284,10 @@ def nan_loss_at(monkeypatch, training_calls):
     monkeypatch.setattr(GPT, "forward", forward)
 
 
-def test_a_nan_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch):
+# On a CPU the loop reads the non-finite counts after every step; on a GPU only every 10 steps: both are tested here.
+@pytest.mark.parametrize("read_every", [1, 10])
+def test_a_nan_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch, read_every):
+    monkeypatch.setattr(training_loop, "host_read_interval", lambda device: read_every)
     nan_loss_at(monkeypatch, {7, 8})
     summary = train(tiny_config(corpus, "max_steps=20", "eval_every=10"), tmp_path / "run", quiet=True)
     assert summary["steps"] == 20 and summary["nonfinite_steps"] == 2
@@ -288,7 +295,9 @@ def test_a_nan_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "run" / "model.safetensors")).values())
 
 
-def test_nan_weights_stop_training_and_leave_the_last_checkpoint(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("read_every, stopped", [(1, "stopped at step 16: 4 steps"), (10, "stopped at step 20: 8 steps")])
+def test_nan_weights_stop_training_and_leave_the_last_checkpoint(corpus, tmp_path, monkeypatch, read_every, stopped):
+    monkeypatch.setattr(training_loop, "host_read_interval", lambda device: read_every)
     run = tmp_path / "run"
     first = next(iter(GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=1, n_embd=8))
                       .state_dict()))
@@ -304,7 +313,7 @@ def test_nan_weights_stop_training_and_leave_the_last_checkpoint(corpus, tmp_pat
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "forward", forward)
-    with pytest.raises(PotionError, match=r"stopped at step 16: 4 steps in a row had a non-finite .*"
+    with pytest.raises(PotionError, match=stopped + r" in a row had a non-finite .*"
                                           r"the last checkpoint \(step-00000010\) is untouched"):
         train(tiny_config(corpus, "max_steps=40", "eval_every=5", "max_nonfinite_steps=4"), run, quiet=True)
     last = ckpt.complete_checkpoints(run)[-1]
@@ -312,6 +321,29 @@ def test_nan_weights_stop_training_and_leave_the_last_checkpoint(corpus, tmp_pat
     assert all(torch.isfinite(t).all() for t in load_file(str(last / "model.safetensors")).values())
     assert all(torch.isfinite(t).all() for t in load_file(str(run / "model.safetensors")).values())
     assert not (run / ckpt.LOCK_NAME).exists()
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (float(), bool(), .item()): each one is a host sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_steps_do_not_read_back_from_the_device(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(training_loop, "host_read_interval", lambda device: 10)  # what a GPU gets
+    counted_reads = []  # the non-finite counts come back in one .tolist(), which the dispatch mode cannot see
+    real_read = training_loop.NonfiniteSteps.read
+    monkeypatch.setattr(training_loop.NonfiniteSteps, "read", lambda self: counted_reads.append(1) or real_read(self))
+    with HostReads() as reads:
+        train(tiny_config(corpus, "max_steps=60", "eval_every=1000"), tmp_path / "run", quiet=True)
+    # 60 steps, evaluated at the start and the end: the loss is read back every 10 steps, never once per step
+    assert reads.count + len(counted_reads) < 30, (reads.count, len(counted_reads))
 
 
 # ---------------------------------------------------------------- no pickle
