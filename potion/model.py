@@ -12,6 +12,7 @@ Shapes: B = batch, T = time (tokens), C = n_embd, H = n_head, D = head_dim = C /
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -72,9 +73,7 @@ class KVCache:
     @classmethod
     def empty(cls, config: ModelConfig, batch_size: int, device, dtype) -> "KVCache":
         shape = (batch_size, config.n_head, config.context_length, config.head_dim)
-        def zeros():
-            return torch.zeros(shape, device=device, dtype=dtype)
-
+        zeros = functools.partial(torch.zeros, shape, device=device, dtype=dtype)
         layers = [LayerCache(zeros(), zeros()) for _ in range(config.n_layer)]
         return cls(layers, 0, config.context_length)
 

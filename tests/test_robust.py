@@ -295,7 +295,8 @@ def test_a_nan_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch, read_e
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "run" / "model.safetensors")).values())
 
 
-@pytest.mark.parametrize("read_every, stopped", [(1, "stopped at step 16: 4 steps"), (10, "stopped at step 20: 8 steps")])
+@pytest.mark.parametrize("read_every, stopped", [(1, "stopped at step 16: 4 steps"),
+                                                 (10, "stopped at step 20: 8 steps")])
 def test_nan_weights_stop_training_and_leave_the_last_checkpoint(corpus, tmp_path, monkeypatch, read_every, stopped):
     monkeypatch.setattr(training_loop, "host_read_interval", lambda device: read_every)
     run = tmp_path / "run"
