@@ -6,7 +6,8 @@ and with the bf16 decode weights that `potion generate` uses by default where th
 prefilled in fp32 either way, and recomputation runs in fp32, the fastest precision for it on a CPU without bf16
 hardware. Decoding is timed over the last --decode tokens before the context is full, so each
 new token sees about --context earlier ones in both cases. The model has random weights of a preset's shape
-(speed does not depend on what it learned).
+(speed does not depend on what it learned). With --compile, the cached fp32 one-token step is also timed through
+torch.compile, with the seconds its compilation took (potion generate does not compile: see the README).
 
 Usage (from the project root):
     python benchmarks/generate_speed.py --preset shakespeare-char --context 256
@@ -38,7 +39,7 @@ from potion.model import GPT  # noqa: E402
 def decode_seconds(model, prompt: torch.Tensor, n_new: int, use_cache: bool, decoder=None) -> float:
     """Seconds per new token, greedy, after a prompt that leaves room for n_new tokens. decoder: the model (or a
     copy in another precision) that runs the cached one-token steps."""
-    decoder = decoder or model
+    decoder = model if decoder is None else decoder
     if use_cache:
         cache = model.new_cache(1)
         logits = prefill(model, prompt, cache)
@@ -66,6 +67,7 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab-size", type=int, default=65)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="also time a compiled one-token step")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)
@@ -93,6 +95,16 @@ def main(argv=None) -> None:
         cached_bf16.append(decode_seconds(model, prompt, args.decode, True, bf16))
         uncached.append(decode_seconds(model, prompt, args.decode, False))
     cached, cached_bf16, uncached = map(statistics.median, (cached, cached_bf16, uncached))
+    compiled_figures = {}
+    if args.compile:
+        compiled = torch.compile(model)
+        started = time.perf_counter()
+        decode_seconds(model, prompt, args.decode, True, compiled)  # compiles (a second time once lengths vary)
+        compile_s = time.perf_counter() - started - args.decode * cached
+        per_token = statistics.median(decode_seconds(model, prompt, args.decode, True, compiled)
+                                      for _ in range(args.reps))
+        compiled_figures = {"decode_tokens_per_second_cached_compiled_fp32": round(1 / per_token, 1),
+                            "compile_seconds": round(compile_s, 1)}
     emit({
         "benchmark": "generate_speed", "preset": args.preset, "machine": machine_info(device), "dtype": "float32",
         "threads": threads, "parameters": model.num_parameters(), "batch": 1, "context": args.context,
@@ -102,6 +114,7 @@ def main(argv=None) -> None:
         "decode_tokens_per_second_uncached_fp32": round(1 / uncached, 1),
         "cache_speedup_fp32": round(uncached / cached, 2),
         "cache_speedup_bf16_decode": round(uncached / cached_bf16, 2),
+        **compiled_figures,
         "generate_auto_decode_dtype": str(decoding_dtype(model, "auto")).removeprefix("torch."),
         "load_avg_1m_end": round(os.getloadavg()[0], 2),
     })
