@@ -121,8 +121,9 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        found_inf = getattr(self, "found_inf", None)
+        found_inf = getattr(self, "found_inf", None)  # a 0/1 tensor set by the training loop, as for fused AdamW
         keep = 1.0 if found_inf is None else 1.0 - found_inf  # 0 turns every update below into "stay as you are"
+        applied = None if found_inf is None else found_inf == 0
         for group in self.param_groups:
             same_shape: dict[torch.Size, list[torch.Tensor]] = {}
             for p in group["params"]:
@@ -130,8 +131,8 @@ class Muon(torch.optim.Optimizer):
                     same_shape.setdefault(p.shape, []).append(p)
             for shape, params in same_shape.items():
                 grads = [p.grad for p in params]
-                if found_inf is not None:  # a dropped step's NaNs must not reach the momentum
-                    grads = [torch.where(found_inf == 0, g, 0.0) for g in grads]
+                if applied is not None:  # a dropped step's NaNs must not reach the momentum
+                    grads = [torch.where(applied, g, 0.0) for g in grads]
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
                 torch._foreach_mul_(bufs, 1.0 + (group["momentum"] - 1.0) * keep)  # a dropped step keeps them
                 torch._foreach_add_(bufs, grads)

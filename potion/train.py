@@ -220,10 +220,7 @@ class NonfiniteSteps:
     def step(self, finite: torch.Tensor) -> None:
         """Apply the optimizers unless `finite` (a boolean tensor) is false, and count."""
         self.dropped.copy_(~finite)
-        if self.on_device:
-            for opt in self.optimizers:
-                opt.step()
-        elif bool(finite):  # a host sync, for optimizers without found_inf
+        if self.on_device or bool(finite):  # bool(): a host sync, only for optimizers without found_inf
             for opt in self.optimizers:
                 opt.step()
         self.in_a_row.mul_(self.dropped).add_(self.dropped)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import potion.checkpoint as ckpt
+from potion import optim as potion_optim
 from potion.config import ModelConfig, resolve
 from potion.errors import PotionError
 from potion.model import GPT
@@ -27,7 +28,6 @@ from potion.optim import make_optimizer
 from potion.train import train
 
 training_loop = importlib.import_module("potion.train")  # the module: potion.train is also the function
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["n_layer=2", "n_embd=32", "n_head=2", "context_length=32", "batch_size=8", "eval_batches=2",
         "sample_tokens=0", "warmup_steps=5"]
@@ -284,10 +284,12 @@ def nan_loss_at(monkeypatch, training_calls):
     monkeypatch.setattr(GPT, "forward", forward)
 
 
-# On a CPU the loop reads the non-finite counts after every step; on a GPU only every 10 steps: both are tested here.
-@pytest.mark.parametrize("read_every", [1, 10])
-def test_a_nan_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch, read_every):
+# On a CPU the loop reads the non-finite counts after every step; on a GPU only every 10 steps: both are tested
+# here, and the host-side skip that an AdamW without a fused kernel (so without found_inf) needs.
+@pytest.mark.parametrize("read_every, fused", [(1, True), (10, True), (1, False)])
+def test_a_nan_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch, read_every, fused):
     monkeypatch.setattr(training_loop, "host_read_interval", lambda device: read_every)
+    monkeypatch.setattr(potion_optim, "has_fused_adamw", lambda device_type: fused)
     nan_loss_at(monkeypatch, {7, 8})
     summary = train(tiny_config(corpus, "max_steps=20", "eval_every=10"), tmp_path / "run", quiet=True)
     assert summary["steps"] == 20 and summary["nonfinite_steps"] == 2
