@@ -142,10 +142,12 @@ def generate_tokens(
     decode_as = decoding_dtype(model, decode_dtype)
     decoder = decoding_model(model, decode_as)
 
-    def start(ids):  # prefill a fresh cache, then hand it to the decoder in the decoder's precision
-        cache = model.new_cache(ids.size(0))
-        logits = prefill(model, ids, cache)
-        return logits, cache.to(decode_as)
+    prefill_cache = model.new_cache(idx.size(0))  # allocated once; refilled when the context is full
+
+    def start(ids):  # prefill from position 0, then hand the cache to the decoder in the decoder's precision
+        prefill_cache.length = 0
+        logits = prefill(model, ids, prefill_cache)
+        return logits, prefill_cache.to(decode_as)  # the same cache when the precisions match
 
     history = idx
     logits, cache = start(idx)
