@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import RunConfig
 from .errors import PotionError
+from .fileio import atomic_write, atomic_write_text, fsync_dir, is_leftover, sha256_file, write_failed  # noqa: F401
 from .model import GPT
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -39,58 +40,6 @@ RUNS_DIR = Path("runs")
 
 
 # ---------------------------------------------------------------- atomic files
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_failed(path: Path, e: Exception) -> PotionError:
-    reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
-    hint = "; free some disk space and resume" if isinstance(e, OSError) and e.errno == errno.ENOSPC else ""
-    return PotionError(f"could not write '{path}' ({reason}); the files written before are intact{hint}")
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) fills a temporary file beside `path`; it then replaces `path` in one step.
-
-    A failed write (disk full, no permission) removes the temporary file, leaves `path` as it was and raises
-    a PotionError naming the file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(e, (OSError, SafetensorError)):
-            raise write_failed(path, e) from e
-        raise
-    fsync_dir(path.parent)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

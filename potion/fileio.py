@@ -1,0 +1,87 @@
+"""Files made safe: every file potion writes goes through here.
+
+A file is written under a temporary name beside its final one, flushed to disk and renamed into place, so a
+process killed mid-write leaves the previous version intact; a failed write (disk full, no permission) becomes
+one PotionError naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+from safetensors import SafetensorError
+
+from .errors import PotionError
+
+CHUNK_BYTES = 1 << 24
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_failed(path: Path, e: Exception) -> PotionError:
+    reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
+    hint = "; free some disk space and resume" if isinstance(e, OSError) and e.errno == errno.ENOSPC else ""
+    return PotionError(f"could not write '{path}' ({reason}); the files written before are intact{hint}")
+
+
+def temporary_name(path: Path) -> Path:
+    """Where `path` is written before its rename; `is_leftover` recognises it after a kill."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def is_leftover(path: Path) -> bool:
+    return path.name.startswith(".") and ".tmp" in path.name
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp_path) fills a temporary file beside `path`; it then replaces `path` in one step.
+
+    A failed write removes the temporary file, leaves `path` as it was and raises a PotionError naming the file.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, (OSError, SafetensorError)):
+            raise write_failed(path, e) from e
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def hash_file(h: "hashlib._Hash", path: Path) -> None:
+    """Feed a file's bytes into a hash, in chunks: a file never has to fit in memory."""
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    hash_file(h, path)
+    return h.hexdigest()
