@@ -1,100 +1,104 @@
 """The `potion` command. It parses arguments and calls the modules; a PotionError becomes one line on stderr
-and exit code 2 (`--debug` shows the traceback)."""
+and exit code 2 (`--debug` shows the traceback).
+
+Conventions shared by every command: `--model DIR` is a run directory (default: the latest under ./runs), `--json`
+prints one JSON object on stdout and nothing else there, and files are written only where a flag names them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 import warnings
-from pathlib import Path
 
 from .errors import PotionError
 
+# Flags of `potion train` that are config fields, typed by argparse and passed on as typed values.
+TRAIN_FIELD_FLAGS = {"data": "data.data", "max_steps": "train.max_steps", "max_time": "train.max_time",
+                     "eval_every": "train.eval_every", "checkpoint_every": "train.checkpoint_every",
+                     "device": "train.device", "seed": "train.seed", "probe": "train.probe"}
 
-def _finite(x):
-    return x if isinstance(x, (int, str, bool)) or (isinstance(x, float) and math.isfinite(x)) else None
+
+def print_json(body: dict) -> None:
+    """One JSON object on stdout; NaN and infinity, which JSON lacks, become null."""
+    finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in body.items()}
+    print(json.dumps(finite))
 
 
 def cmd_train(args) -> int:
-    from .checkpoint import latest_run, read_config
     from .config import resolve
+    from .run import find_run
     from .train import train
 
-    overrides = list(args.set)
-    for flag, key in (("data", "data.data"), ("max_steps", "train.max_steps"), ("max_time", "train.max_time"),
-                      ("eval_every", "train.eval_every"), ("checkpoint_every", "train.checkpoint_every"),
-                      ("device", "train.device"), ("seed", "train.seed"), ("probe", "train.probe")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    out = args.out
-    if args.resume:  # start from the run's own config; flags may change only what RESUMABLE_CHANGES allows
-        out = out or latest_run()
-        config = resolve(args.preset, args.config, overrides, base=read_config(Path(out)))
+    values = {key: getattr(args, flag) for flag, key in TRAIN_FIELD_FLAGS.items() if getattr(args, flag) is not None}
+    if args.resume:  # start from the run's own config; flags may change only when and how long it trains
+        out = find_run(args.out)
+        config = resolve(args.preset, args.config, args.set, base=out.config, values=values)
     else:
-        config = resolve(args.preset or "tiny", args.config, overrides)
+        out = args.out
+        config = resolve(args.preset or "tiny", args.config, args.set, values=values)
     summary = train(config, out=out, resume=args.resume, quiet=args.quiet)
     if args.json:
-        print(json.dumps({k: _finite(v) for k, v in summary.items()}))
+        print_json(summary)
     else:
         print(f"trained {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['seconds']:.0f} s, "
               f"{summary['tokens_per_second']:,.0f} tokens/s; validation loss {summary['val_loss']:.4f}, "
-              f"best {summary['best_val_loss']:.4f}\nsaved to {summary['out']}; try: potion generate --model {summary['out']}")
+              f"best {summary['best_val_loss']:.4f}\n"
+              f"saved to {summary['out']}; try: potion generate --model {summary['out']}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from .checkpoint import load
-    from .generate import SamplingConfig, generate_text
+    from .config import SamplingConfig
+    from .generate import generate_text
+    from .run import load
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), num_samples=args.num_samples,
                               decode_dtype=args.decode_dtype)
     model, tokenizer = load(args.model)
     prompt = args.prompt or ""
-
-    def stream(i, text):
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    on_text = None
-    if not args.json:
-        if sampling.num_samples > 1:
-            def on_text(i, text, printed=set()):
-                if i not in printed:
-                    printed.add(i)
-                    sys.stdout.write(("\n" if i else "") + f"--- sample {i + 1} ---\n" + prompt)
-                stream(i, text)
-        else:
-            sys.stdout.write(prompt)
-            on_text = stream
+    on_text = None if args.json else stream_to_stdout(prompt, sampling.num_samples)
     samples, speed = generate_text(model, tokenizer, prompt, sampling, on_text)
     if args.json:
-        print(json.dumps({"samples": [s.__dict__ for s in samples], "tokens_per_second": round(speed, 1)}))
+        print_json({"samples": [s.__dict__ for s in samples], "tokens_per_second": round(speed, 1)})
     else:
         sys.stdout.write("\n")
     return 0
 
 
+def stream_to_stdout(prompt: str, num_samples: int):
+    """on_text for generate_text: the prompt, then each sample's text as it comes (headed when there are several)."""
+    started = set()
+
+    def on_text(i: int, text: str) -> None:
+        if i not in started:
+            started.add(i)
+            header = ("\n" if i else "") + f"--- sample {i + 1} ---\n" if num_samples > 1 else ""
+            sys.stdout.write(header + prompt)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if num_samples == 1:  # the prompt shows at once, before the first token is ready
+        started.add(0)
+        sys.stdout.write(prompt)
+    return on_text
+
+
 def cmd_eval(args) -> int:
-    from .checkpoint import load, read_config
     from .data import prepare
     from .evaluate import evaluate
+    from .run import load
 
-    run_dir = Path(args.model) if args.model else None
-    model, tokenizer = load(run_dir)
-    if run_dir is None:
-        from .checkpoint import latest_run
-
-        run_dir = latest_run()
-    config = read_config(run_dir)
-    token_file = prepare(config.data, tokenizer=tokenizer, data=args.data, quiet=args.json)
-    tokens = token_file.tokens if args.data else token_file.split(config.data.val_fraction)[1]
-    result = evaluate(model, tokenizer, tokens, quiet=args.json)
+    run = load(args.model)
+    token_file = prepare(run.config.data, tokenizer=run.tokenizer, data=args.data, quiet=args.json)
+    tokens = token_file.tokens if args.data else token_file.split(run.config.data.val_fraction)[1]
+    result = evaluate(run.model, run.tokenizer, tokens, quiet=args.json)
     if args.json:
-        print(json.dumps(result))
+        print_json(result)
     else:
         split = f"'{args.data}'" if args.data else "the validation split"
         print(f"{split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
@@ -103,29 +107,25 @@ def cmd_eval(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .checkpoint import latest_run, load
-    from .explain import explain
-    from .explanation import load_probes, save_json
-    from .explain_text import render_text, use_color
+    from .explain import explain, load_probes, render_text, save_html, save_json, save_png, use_color
+    from .run import load
 
-    run_dir = Path(args.model) if args.model else latest_run()
-    model, tokenizer = load(run_dir)
-    e = explain(model, args.prompt, tokenizer, token=args.token, layer=args.layer, head=args.head, top_k=args.top_k,
-                expect=args.expect)
+    run = load(args.model)
+    e = explain(run.model, args.prompt, run.tokenizer, token=args.token, layer=args.layer, head=args.head,
+                top_k=args.top_k, expect=args.expect)
     written = []
-    if args.json:
-        save_json(e, args.json)
-        written.append(args.json)
+    if args.json_out:
+        save_json(e, args.json_out)
+        written.append(args.json_out)
     if args.html:
-        from .explain_html import save_html
-
-        save_html(e, args.html, probes=load_probes(run_dir))
+        save_html(e, args.html, probes=load_probes(run.run_dir))
         written.append(args.html)
     if args.png:
-        from .explain_plot import save_png
-
         save_png(e, args.png)
         written.append(args.png)
+    if args.json:  # stdout carries the one JSON object and nothing else, so it can be piped to a parser
+        print(e.to_json())
+        return 0
     sys.stdout.write(render_text(e, color=use_color(sys.stdout)))
     for path in written:
         print(f"wrote {path}")
@@ -141,11 +141,10 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="potion", description="Train a small GPT on your own text, sample from it, look inside.")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------- arguments
 
+
+def add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model (default: the tiny preset on the built-in pydocs corpus)")
     t.add_argument("--data", help="a file, directory, glob, or built-in corpus: pydocs (default), shakespeare")
     t.add_argument("--preset", help="tiny (default), shakespeare-char, gpt2, ... (see `potion presets`)")
@@ -159,11 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--seed", type=int)
-    t.add_argument("--probe", metavar="TEXT", help="save the explain data for TEXT at every evaluation (RUN/probes/step-N.json)")
+    t.add_argument("--probe", metavar="TEXT",
+                   help="save the explain data for TEXT at every evaluation (RUN/probes/step-N.json)")
     t.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     t.add_argument("--quiet", action="store_true", help="no progress bar or samples")
     t.set_defaults(func=cmd_train)
 
+
+def add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a trained model")
     g.add_argument("prompt", nargs="?", default="")
     g.add_argument("--model", help="run directory (default: the latest under ./runs)")
@@ -177,15 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decode-dtype", default="auto", metavar="auto|fp32|bf16",
                    help="weights for the one-token steps: bf16 halves the bytes read per token (auto: where that is "
                         "faster); fp32 matches the full forward pass exactly")
-    g.add_argument("--json", action="store_true")
+    g.add_argument("--json", action="store_true", help="print the samples as one JSON object")
     g.set_defaults(func=cmd_generate)
 
+
+def add_eval(sub) -> None:
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained model")
     e.add_argument("--model", help="run directory (default: the latest under ./runs)")
     e.add_argument("--data", help="text to evaluate on (default: the model's validation split)")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     e.set_defaults(func=cmd_eval)
 
+
+def add_explain(sub) -> None:
     x = sub.add_parser("explain", help="look inside one prediction: attention, logit lens, what mattered")
     x.add_argument("prompt", help="the text whose next-token prediction is explained")
     x.add_argument("--model", help="run directory (default: the latest under ./runs)")
@@ -197,12 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--expect", metavar="TEXT", help="the continuation you expected: its rank, and what mattered for it")
     x.add_argument("--html", metavar="FILE", help="write one self-contained page (works offline)")
     x.add_argument("--png", metavar="FILE", help="write attention heatmaps as a PNG image")
-    x.add_argument("--json", metavar="FILE", help="write all the numbers as JSON")
+    x.add_argument("--json-out", metavar="FILE", help="write all the numbers as JSON")
+    x.add_argument("--json", action="store_true", help="print all the numbers as one JSON object instead of the text")
     x.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("presets", help="list the built-in presets")
-    p.set_defaults(func=cmd_presets)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potion",
+                                     description="Train a small GPT on your own text, sample from it, look inside.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_train, add_generate, add_eval, add_explain):
+        add(sub)
+    sub.add_parser("presets", help="list the built-in presets").set_defaults(func=cmd_presets)
     return parser
+
+
+def with_flag(error: PotionError, args: argparse.Namespace) -> str:
+    """The error's message, with the setting it names written as the flag the user typed (temperature ->
+    --temperature) when this command has that flag."""
+    message, setting = str(error), error.setting
+    if setting is None or setting not in vars(args):
+        return message
+    return re.sub(rf"\b{re.escape(setting)}\b", "--" + setting.replace("_", "-"), message, count=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except PotionError as e:
         if args.debug:
             raise
-        print(f"potion: error: {e}", file=sys.stderr)
+        print(f"potion: error: {with_flag(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\npotion: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Loss, perplexity and bits per byte of a model on a stream of tokens."""
+"""Loss, perplexity and bits per byte of a model on a stream of tokens, and the quick estimate training uses."""
 
 from __future__ import annotations
 
@@ -9,6 +9,20 @@ import torch
 from tqdm import tqdm
 
 from .data import sequential_windows
+from .hardware import autocast
+
+
+@torch.no_grad()
+def estimate_loss(model, batches: list, device: torch.device, dtype: torch.dtype) -> float:
+    """Mean loss over fixed batches, in training's precision: the figure logged at every evaluation."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
+    model.train()
+    return float(total) / len(batches)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import potion.checkpoint as ckpt
+from potion.run import LOCK_NAME
 from potion import optim as potion_optim
 from potion.config import ModelConfig, resolve
 from potion.errors import PotionError
@@ -132,7 +133,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(corpus, tmp_pat
         (ckpt.complete_checkpoints(reference)[-1] / "model.safetensors").read_bytes()
     assert eval_rows(run) == eval_rows(reference)
     assert train_losses(run) == train_losses(reference)
-    assert not (run / ckpt.LOCK_NAME).exists()
+    assert not (run / LOCK_NAME).exists()
     assert not list((run / "checkpoints").glob(".*"))  # leftovers of killed writes were cleaned up
 
 
@@ -222,7 +223,7 @@ def test_checkpoints_of_a_compiled_model_load_uncompiled_and_back(tmp_path):
     plain = GPT(config)
     compiled = Compiled(plain)
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    saved = ckpt.save_checkpoint(tmp_path, 1, compiled, make_optimizer(plain, TrainConfig(), "cpu"), {}, {}, 2)
+    saved = ckpt.save_checkpoint(tmp_path, 1, compiled, make_optimizer(plain, TrainConfig(), "cpu"), {}, 2)
     assert not [k for k in load_file(str(saved / "model.safetensors")) if "_orig_mod" in k]
 
     torch.manual_seed(1)
@@ -263,7 +264,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(corpus, tmp_path, 
                    "device); the files written before are intact; free some disk space and resume"), err
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-00000000", "step-00000005"]
     assert ckpt.checkpoint_problem(run / "checkpoints" / "step-00000005") is None
-    assert not list((run / "checkpoints").glob(".*")) and not (run / ckpt.LOCK_NAME).exists()
+    assert not list((run / "checkpoints").glob(".*")) and not (run / LOCK_NAME).exists()
 
     monkeypatch.setattr(ckpt, "save_file", real_save)  # space freed: the run resumes from step 5
     assert train(tiny_config(corpus, "max_steps=20", "eval_every=5"), run, resume=True, quiet=True)["steps"] == 20
@@ -323,7 +324,7 @@ def test_nan_weights_stop_training_and_leave_the_last_checkpoint(corpus, tmp_pat
     assert last.name == "step-00000010" and ckpt.checkpoint_problem(last) is None
     assert all(torch.isfinite(t).all() for t in load_file(str(last / "model.safetensors")).values())
     assert all(torch.isfinite(t).all() for t in load_file(str(run / "model.safetensors")).values())
-    assert not (run / ckpt.LOCK_NAME).exists()
+    assert not (run / LOCK_NAME).exists()
 
 
 class HostReads(TorchDispatchMode):
@@ -341,8 +342,8 @@ class HostReads(TorchDispatchMode):
 def test_training_steps_do_not_read_back_from_the_device(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(training_loop, "host_read_interval", lambda device: 10)  # what a GPU gets
     counted_reads = []  # the non-finite counts come back in one .tolist(), which the dispatch mode cannot see
-    real_read = training_loop.NonfiniteSteps.read
-    monkeypatch.setattr(training_loop.NonfiniteSteps, "read", lambda self: counted_reads.append(1) or real_read(self))
+    real_read = training_loop.StepTally.read
+    monkeypatch.setattr(training_loop.StepTally, "read", lambda self: counted_reads.append(1) or real_read(self))
     with HostReads() as reads:
         train(tiny_config(corpus, "max_steps=60", "eval_every=1000"), tmp_path / "run", quiet=True)
     # 60 steps, evaluated at the start and the end: the loss is read back every 10 steps, never once per step
@@ -403,7 +404,7 @@ def test_a_second_training_on_the_same_run_directory_refuses(corpus, tmp_path):
         deadline = time.time() + 60
         while not (run / "config.json").is_file() and time.time() < deadline:
             time.sleep(0.2)
-        lock = json.loads((run / ckpt.LOCK_NAME).read_text())
+        lock = json.loads((run / LOCK_NAME).read_text())
         assert lock["pid"] == first.pid and lock["host"]
         r = potion("train", "--resume", "--out", run, "--quiet", check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -422,18 +423,18 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(corpus, tmp_path, capsys):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / ckpt.LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    (run / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     from potion.cli import main
 
     code = main(["train", "--data", str(corpus), *sum((["--set", s] for s in TINY), []), "--max-steps", "5",
                  "--eval-every", "5", "--out", str(run), "--quiet"])
     err = capsys.readouterr().err
     assert code == 0
-    assert f"potion: warning: taking over '{run / ckpt.LOCK_NAME}' from process {dead.pid}, which is no longer running" \
+    assert f"potion: warning: taking over '{run / LOCK_NAME}' from process {dead.pid}, which is no longer running" \
         in err
-    assert not (run / ckpt.LOCK_NAME).exists()
+    assert not (run / LOCK_NAME).exists()
     # a lock cut short (its writer killed mid-write) is stale too
-    (run / ckpt.LOCK_NAME).write_text('{"pid": 12')
+    (run / LOCK_NAME).write_text('{"pid": 12')
     assert main(["train", "--resume", "--out", str(run), "--max-steps", "10", "--quiet"]) == 0
 
 
