@@ -8,7 +8,6 @@ Every number a user may want to change is a field here, with the same name in a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -222,15 +221,21 @@ def find_field(key: str) -> tuple[str, dataclasses.Field]:
     return matches[0]
 
 
+def set_value(config: RunConfig, key: str, value: Any, source: str) -> RunConfig:
+    """Set one field ('n_layer' or 'model.n_layer') to a value of its type."""
+    section, f = find_field(key)
+    value = _coerce(value, f, source)
+    return replace(config, **{section: replace(getattr(config, section), **{f.name: value})})
+
+
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply --set KEY=VALUE strings, in order."""
     for item in overrides:
         if "=" not in item:
             raise PotionError(f"--set expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        section, f = find_field(key.strip())
-        value = _parse_text_value(text, f, f"--set {key.strip()}")
-        config = replace(config, **{section: replace(getattr(config, section), **{f.name: value})})
+        key, text = (part.strip() for part in item.split("=", 1))
+        source = f"--set {key}"
+        config = set_value(config, key, _parse_text_value(text, find_field(key)[1], source), source)
     return config
 
 
@@ -271,13 +276,49 @@ def load_toml(path: str | Path) -> dict:
 
 
 def resolve(preset: str | None = "tiny", config_file: str | None = None, overrides: list[str] = (),
-            base: RunConfig | None = None) -> RunConfig:
-    """A preset (or a base config), then a TOML file, then --set overrides: later ones win."""
+            base: RunConfig | None = None, values: dict[str, Any] | None = None) -> RunConfig:
+    """A preset (or a base config), then a TOML file, then --set overrides, then typed values (the command line's
+    own flags): later ones win."""
     config = load_preset(preset) if preset or base is None else base
     if config_file:
         config = merge(config, load_toml(config_file), f"config file '{config_file}'")
-    return apply_overrides(config, list(overrides))
+    config = apply_overrides(config, list(overrides))
+    for key, value in (values or {}).items():
+        config = set_value(config, key, value, key)
+    return config
 
 
-def save_json(config: RunConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+DECODE_DTYPES = ("auto", "fp32", "bf16")  # auto, or a name in hardware.DTYPES (kept torch-free here)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How generation picks tokens and when it stops."""
+
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 0 = greedy: always the most likely token
+    top_k: int | None = None  # None = off; else only the k most likely tokens can be drawn
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    num_samples: int = 1
+    decode_dtype: str = "auto"  # precision of the weights in one-token decode steps: auto | fp32 | bf16
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise PotionError(f"max_new_tokens must not be negative, got {self.max_new_tokens}",
+                              setting="max_new_tokens")
+        if not self.temperature >= 0:  # also catches NaN
+            raise PotionError(f"temperature must be 0 (greedy) or positive, got {self.temperature}",
+                              setting="temperature")
+        if self.top_k is not None and self.top_k < 1:
+            raise PotionError(f"top_k must be at least 1 (leave it out for no limit), got {self.top_k}",
+                              setting="top_k")
+        if not 0.0 < self.top_p <= 1.0:
+            raise PotionError(f"top_p must be in (0, 1], got {self.top_p}", setting="top_p")
+        if self.num_samples < 1:
+            raise PotionError(f"num_samples must be at least 1, got {self.num_samples}", setting="num_samples")
+        if self.decode_dtype not in DECODE_DTYPES:
+            raise PotionError(f"decode_dtype must be one of {', '.join(DECODE_DTYPES)}, got {self.decode_dtype!r}",
+                              setting="decode_dtype")

@@ -6,46 +6,21 @@ Sampling is a handful of small pure functions on a logits vector: temperature, t
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .errors import PotionError
+from .config import SamplingConfig  # lives with the other configs; importable from here too
+from .hardware import DTYPES
+from .model import KVCache
 
-
-DECODE_DTYPES = ("auto", "fp32", "bf16")
 # Under about this many bytes of fp32 weights a CPU decode step is bound by per-operation overhead rather than by
 # reading the weights, so bf16 weights gain nothing (measured: 0.8M parameters, 0.94x; 3.2M, 1.28x; 10.8M, 1.72x).
 BF16_DECODE_MIN_BYTES = 8 * 2**20
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 500
-    temperature: float = 0.8  # 0 = greedy: always the most likely token
-    top_k: int | None = None  # None = off; else only the k most likely tokens can be drawn
-    top_p: float = 1.0  # 1 = off
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    num_samples: int = 1
-    decode_dtype: str = "auto"  # precision of the weights in one-token decode steps: auto | fp32 | bf16
-
-    def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise PotionError(f"--max-new-tokens must not be negative, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise PotionError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise PotionError(f"--top-k must be at least 1 (leave it out for no limit), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise PotionError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.num_samples < 1:
-            raise PotionError(f"--num-samples must be at least 1, got {self.num_samples}")
-        if self.decode_dtype not in DECODE_DTYPES:
-            raise PotionError(f"--decode-dtype must be one of {', '.join(DECODE_DTYPES)}, got {self.decode_dtype!r}")
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -65,14 +40,15 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p  # mass before this token already reaches p
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # mass before this token already reaches p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
+def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -81,14 +57,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def prefill(model, idx: torch.Tensor, cache) -> torch.Tensor:
+def prefill(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the whole prompt through the model, filling the cache; returns the last position's logits (B, V)."""
-    return model(idx, cache=cache)[:, -1]
+    return model(idx, cache=cache, last_only=True)[:, -1]
 
 
-def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
+def decode_one_token(model, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """token (B,) -> logits (B, V) for the position after it."""
-    return model(token[:, None], cache=cache)[:, -1]
+    return model(token[:, None], cache=cache, last_only=True)[:, -1]
+
+
+def refill(model, idx: torch.Tensor, cache: KVCache, dtype: torch.dtype) -> tuple[torch.Tensor, KVCache]:
+    """Prefill idx into cache from position 0; returns the last logits (B, V) and the cache in the decoder's
+    precision (the same cache when the precisions match)."""
+    cache.reset()
+    logits = prefill(model, idx, cache)
+    return logits, cache.to(dtype)
 
 
 def decoding_dtype(model, decode_dtype: str = "auto") -> torch.dtype:
@@ -99,10 +83,8 @@ def decoding_dtype(model, decode_dtype: str = "auto") -> torch.dtype:
     and on a CPU once the weights are big enough for their reading to dominate; fp32 keeps decoding bit-exact
     with the full forward pass.
     """
-    if decode_dtype == "fp32":
-        return torch.float32
-    if decode_dtype == "bf16":
-        return torch.bfloat16
+    if decode_dtype in DTYPES:
+        return DTYPES[decode_dtype]
     first = next(model.parameters())
     if first.device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else first.dtype
@@ -123,6 +105,7 @@ def generate_tokens(
     model,
     idx: torch.Tensor,
     max_new_tokens: int,
+    *,
     temperature: float = 0.8,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -133,35 +116,26 @@ def generate_tokens(
     """Yield next-token ids (B,) one step at a time. Stops after eot_id when every row has produced it.
 
     The prompt is prefilled in the model's precision; the one-token steps run in decode_dtype (see decoding_dtype).
-    When the context fills up, the cache is rebuilt from the last half of the context, so generation can go on
+    When the context fills up, the cache is refilled from the last half of the context, so generation can go on
     past context_length tokens (each new token then sees at most context_length - 1 earlier ones).
     """
     context = model.config.context_length
-    if idx.size(1) > context:
-        idx = idx[:, -context:]
+    history = idx[:, -context:]
     decode_as = decoding_dtype(model, decode_dtype)
     decoder = decoding_model(model, decode_as)
-
     prefill_cache = model.new_cache(idx.size(0))  # allocated once; refilled when the context is full
-
-    def start(ids):  # prefill from position 0, then hand the cache to the decoder in the decoder's precision
-        prefill_cache.length = 0
-        logits = prefill(model, ids, prefill_cache)
-        return logits, prefill_cache.to(decode_as)  # the same cache when the precisions match
-
-    history = idx
-    logits, cache = start(idx)
+    logits, cache = refill(model, history, prefill_cache, decode_as)
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         yield token
         if eot_id is not None:
             finished |= token == eot_id
             if bool(finished.all()):
                 return
-        history = torch.cat((history, token[:, None]), dim=1)
+        history = torch.cat((history, token[:, None]), dim=1)[:, -context:]  # all a refill can use
         if cache.length >= context:
-            logits, cache = start(history[:, -(context // 2) :])
+            logits, cache = refill(model, history[:, -(context // 2) :], prefill_cache, decode_as)
         else:
             logits = decode_one_token(decoder, token, cache)
 
@@ -198,33 +172,42 @@ def generate_text(model, tokenizer, prompt: str, sampling: SamplingConfig, on_te
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    samples, total_tokens, started = [], 0, time.perf_counter()
+    samples, started = [], time.perf_counter()
     for i in range(sampling.num_samples):
         idx = torch.tensor([ids], dtype=torch.long, device=device)
-        new_ids: list[int] = []
-        text, shown, reason = "", 0, "length"
-        for token in generate_tokens(model, idx, sampling.max_new_tokens, sampling.temperature, sampling.top_k or 0,
-                                     sampling.top_p, generator, tokenizer.eot_id, sampling.decode_dtype):
-            t = int(token[0])
-            if t == tokenizer.eot_id:
-                reason = "eot"
-                break
-            new_ids.append(t)
-            text = tokenizer.decode(new_ids)
-            hit = _first_stop(text, sampling.stop)
-            if hit is not None:
-                text, reason = text[:hit], "stop"
-                break
-            settled = _settled_length(text, sampling.stop)
-            if on_text and settled > shown:
-                on_text(i, text[shown:settled])
-                shown = settled
-        if on_text and len(text) > shown:
-            on_text(i, text[shown:])
-        samples.append(Sample(text, len(new_ids), reason))
-        total_tokens += len(new_ids)
+        stream = functools.partial(on_text, i) if on_text else None
+        samples.append(continue_prompt(model, tokenizer, idx, sampling, generator, stream))
     elapsed = time.perf_counter() - started
+    total_tokens = sum(s.tokens for s in samples)
     return samples, total_tokens / elapsed if elapsed > 0 else 0.0
+
+
+def continue_prompt(model, tokenizer, idx: torch.Tensor, sampling: SamplingConfig, generator, stream=None) -> Sample:
+    """One continuation of idx (1, T) up to end-of-text, a stop string or max_new_tokens. stream(new_text) gets
+    the text as it settles (never part of a stop string or half a character)."""
+    tokens = generate_tokens(model, idx, sampling.max_new_tokens, temperature=sampling.temperature,
+                             top_k=sampling.top_k or 0, top_p=sampling.top_p, generator=generator,
+                             eot_id=tokenizer.eot_id, decode_dtype=sampling.decode_dtype)
+    new_ids: list[int] = []
+    text, shown, reason = "", 0, "length"
+    for token in tokens:
+        t = int(token[0])
+        if t == tokenizer.eot_id:
+            reason = "eot"
+            break
+        new_ids.append(t)
+        text = tokenizer.decode(new_ids)
+        hit = _first_stop(text, sampling.stop)
+        if hit is not None:
+            text, reason = text[:hit], "stop"
+            break
+        settled = _settled_length(text, sampling.stop)
+        if stream and settled > shown:
+            stream(text[shown:settled])
+            shown = settled
+    if stream and len(text) > shown:
+        stream(text[shown:])
+    return Sample(text, len(new_ids), reason)
 
 
 def _settled_length(text: str, stops: tuple[str, ...]) -> int:

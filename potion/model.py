@@ -67,22 +67,28 @@ class KVCache:
     """One LayerCache per block plus the number of positions already filled."""
 
     layers: list[LayerCache]
-    length: int
-    capacity: int
+    length: int = 0
 
     @classmethod
     def empty(cls, config: ModelConfig, batch_size: int, device, dtype) -> "KVCache":
         shape = (batch_size, config.n_head, config.context_length, config.head_dim)
         zeros = functools.partial(torch.zeros, shape, device=device, dtype=dtype)
-        layers = [LayerCache(zeros(), zeros()) for _ in range(config.n_layer)]
-        return cls(layers, 0, config.context_length)
+        return cls([LayerCache(zeros(), zeros()) for _ in range(config.n_layer)])
+
+    def advance(self, n: int) -> None:
+        """Count n more positions as filled (the forward pass has just written their keys and values)."""
+        self.length += n
+
+    def reset(self) -> None:
+        """Start again from position 0; the old keys and values are overwritten as the cache refills."""
+        self.length = 0
 
     def to(self, dtype: torch.dtype) -> "KVCache":
         """This cache with its keys and values in dtype (itself when they already are)."""
         if self.layers[0].key.dtype == dtype:
             return self
         layers = [LayerCache(layer.key.to(dtype), layer.value.to(dtype)) for layer in self.layers]
-        return KVCache(layers, self.length, self.capacity)
+        return KVCache(layers, self.length)
 
 
 class Attention(nn.Module):
@@ -220,11 +226,8 @@ class GPT(nn.Module):
         if self.config.zero_init_head:
             nn.init.zeros_(self.head.weight)
 
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and self.config.positions == "learned":
-            n -= self.position_embedding.weight.numel()
-        return n
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied head's matrix is counted once
 
     def training_flops_per_token(self) -> int:
         """Forward + backward: 6 per weight a token is multiplied by (blocks and head; embeddings are lookups),
@@ -233,12 +236,16 @@ class GPT(nn.Module):
         multiplied = sum(p.numel() for p in self.blocks.parameters()) + self.head.weight.numel()
         return 6 * multiplied + 6 * c.n_layer * c.n_embd * c.context_length
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, trace: list | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, trace: list | None = None, *,
+                last_only: bool = False):
         """idx: (B, T) token ids. Returns logits (B, T, V), and the mean cross-entropy if targets are given.
 
         With a cache, idx continues the cached sequence. With trace=[] (explicit attention path), one dict per
-        block is appended holding queries, keys, values, scores, weights and outputs.
+        block is appended holding queries, keys, values, scores, weights and outputs. last_only=True reads out
+        only the last position, logits (B, 1, V): all that generation needs, without the output layer's work for
+        the other positions.
         """
+        assert not (last_only and targets is not None), "the loss needs every position's logits"
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.context_length:
@@ -258,10 +265,10 @@ class GPT(nn.Module):
                 trace.append(record)
             x = block(x, rope, cache.layers[i] if cache is not None else None, start, record, value_embedding)
         if cache is not None:
-            cache.length = start + T
-        if targets is None and cache is not None:
-            x = x[:, -1:]  # generation only needs the last position's prediction
-        logits = self.readout(x)  # (B, T, V)
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        logits = self.readout(x)  # (B, T, V), or (B, 1, V) with last_only
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from potion import GPT, ModelConfig, PotionError, SamplingConfig, generate_text
-from potion import generate
+from potion import config, generate
+from potion.hardware import DTYPES
 from potion.generate import (apply_top_k, apply_top_p, decode_one_token, decoding_dtype, decoding_model,
                              encode_prompt, prefill, sample_next)
 from potion.tokenizer import CharTokenizer
@@ -23,14 +24,30 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]])
-    assert sample_next(logits, 0.0, 0, 1.0).tolist() == [1, 0]
+    assert sample_next(logits, temperature=0.0, top_k=0, top_p=1.0).tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                    dict(num_samples=0), dict(decode_dtype="fp16")])
-def test_bad_sampling_values(kwargs):
-    with pytest.raises(PotionError):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature must be 0 (greedy) or positive, got -0.5"),
+    (dict(temperature=float("nan")), "temperature must be 0 (greedy) or positive, got nan"),
+    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+    (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+    (dict(top_k=0), "top_k must be at least 1 (leave it out for no limit), got 0"),
+    (dict(top_k=-1), "top_k must be at least 1 (leave it out for no limit), got -1"),
+    (dict(max_new_tokens=-1), "max_new_tokens must not be negative, got -1"),
+    (dict(num_samples=0), "num_samples must be at least 1, got 0"),
+    (dict(decode_dtype="fp16"), "decode_dtype must be one of auto, fp32, bf16, got 'fp16'"),
+])
+def test_bad_sampling_values(kwargs, message):
+    with pytest.raises(PotionError) as caught:
         SamplingConfig(**kwargs)
+    assert str(caught.value) == message
+    assert caught.value.setting == next(iter(kwargs))  # the command line swaps in its flag for the setting
+
+
+def test_sampling_config_lives_with_the_other_configs():
+    assert generate.SamplingConfig is config.SamplingConfig
+    assert config.DECODE_DTYPES == ("auto", *DTYPES)  # config.py stays torch-free, so it spells the names out
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +99,11 @@ def test_stops_at_end_of_text(tiny):
     class AlwaysEOT(torch.nn.Module):
         config = model.config
 
-        def forward(self, idx, cache=None):
-            out = torch.zeros(idx.size(0), idx.size(1), tok.vocab_size)
+        def forward(self, idx, cache=None, last_only=False):
+            out = torch.zeros(idx.size(0), 1 if last_only else idx.size(1), tok.vocab_size)
             out[..., tok.eot_id] = 10.0
             if cache is not None:
-                cache.length += idx.size(1)
+                cache.advance(idx.size(1))
             return out
 
         def new_cache(self, b):

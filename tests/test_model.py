@@ -64,8 +64,23 @@ def test_chunked_prefill_with_cache_matches():
     idx = torch.randint(0, 50, (1, 12))
     cache = model.new_cache(1)
     model(idx[:, :5], cache=cache)
-    last = model(idx[:, 5:], cache=cache)[:, -1]
-    assert torch.allclose(last, model(idx)[:, -1], atol=1e-5)
+    chunk = model(idx[:, 5:], cache=cache)  # every position of the second chunk, not only the last
+    assert chunk.shape == (1, 7, 50) and cache.length == 12
+    assert torch.allclose(chunk, model(idx)[:, 5:], atol=1e-5)
+
+
+def test_last_only_reads_out_the_last_position():
+    torch.manual_seed(4)
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, 50, (2, 9))
+    cache = model.new_cache(2)
+    last = model(idx, cache=cache, last_only=True)
+    assert last.shape == (2, 1, 50) and cache.length == 9
+    assert torch.equal(last, model(idx, last_only=True))
+    assert torch.allclose(last[:, 0], model(idx)[:, -1], atol=1e-6)
+    cache.reset()
+    assert cache.length == 0
+    assert torch.equal(model(idx, cache=cache, last_only=True), last)  # a reset cache refills from position 0
 
 
 def test_parameter_count_and_gpt2_init():
