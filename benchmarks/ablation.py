@@ -13,6 +13,7 @@ Usage (from the project root):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -24,11 +25,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from chardata import DEFAULT_DATA  # noqa: E402
-from machine import emit, machine_info  # noqa: E402
+from machine import emit, result  # noqa: E402
 
-import potion.train as potion_train  # noqa: E402
 from potion.config import resolve  # noqa: E402
 from potion.hardware import pick_dtype  # noqa: E402
+from potion.train import train  # noqa: E402
 
 BASELINE = ["positions=learned", "norm=layernorm", "mlp_activation=gelu", "bias=true", "qk_norm=false",
             "tie_embeddings=true", "zero_init_proj=false", "zero_init_head=false", "logit_softcap=0",
@@ -50,14 +51,13 @@ COMBINATION = ["positions=rope", "norm=rmsnorm", "mlp_activation=relu2", "bias=f
                "optimizer=muon"]
 
 
-def run(name: str, changes: list[str], steps: int, common: list[str], threads: int) -> dict:
-    potion_train.set_threads = lambda: (torch.set_num_threads(threads), threads)[1]
+def run(name: str, changes: list[str], steps: int, common: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = resolve("tiny", None, [f"data={DEFAULT_DATA}", f"max_steps={steps}", f"eval_every={steps}",
                                         "max_time=0", "sample_tokens=0", "stop_at_loss=0", *common,
                                         *BASELINE, *changes])
         started = time.time()
-        summary = potion_train.train(config, out=Path(tmp) / "run", quiet=True)
+        summary = train(config, out=Path(tmp) / "run", quiet=True)
     return {"benchmark": "ablation", "change": name, "fields": changes, "steps": summary["steps"],
             "tokens": summary["tokens"], "val_loss": round(summary["val_loss"], 4),
             "train_loss": round(summary["train_loss"], 4), "seconds": round(time.time() - started, 1)}
@@ -72,14 +72,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     common = ["eval_batches=20", *args.set]
     rows = {**CHANGES, "chosen combination": COMBINATION, "chosen combination + wsd": [*COMBINATION, "schedule=wsd"]}
-    emit({"benchmark": "ablation", "machine": machine_info("cpu"), "threads": args.threads,
-          "torch_version": torch.__version__,
-          "dtype": str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch."), "steps": args.steps,
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # potion.hardware.set_threads gives each run this many
+    torch.set_num_threads(args.threads)  # so that the machine description says so too
+    emit({**result("ablation", "cpu", pick_dtype("auto", torch.device("cpu")), args.threads), "steps": args.steps,
           "common": common, "baseline": BASELINE})
     for name, changes in rows.items():
         if args.only and name not in args.only:
             continue
-        emit(run(name, changes, args.steps, common, args.threads))
+        emit(run(name, changes, args.steps, common))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Usage (from the project root):
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from machine import emit, machine_info  # noqa: E402
+from machine import dtype_name, emit, result  # noqa: E402
 
 from potion.config import load_preset  # noqa: E402
 from potion.generate import decode_one_token, decoding_dtype, decoding_model, prefill  # noqa: E402
@@ -106,8 +105,8 @@ def main(argv=None) -> None:
         compiled_figures = {"decode_tokens_per_second_cached_compiled_fp32": round(1 / per_token, 1),
                             "compile_seconds": round(compile_s, 1)}
     emit({
-        "benchmark": "generate_speed", "preset": args.preset, "machine": machine_info(device), "dtype": "float32",
-        "threads": threads, "parameters": model.num_parameters(), "batch": 1, "context": args.context,
+        **result("generate_speed", device, torch.float32, threads), "preset": args.preset,
+        "parameters": model.num_parameters(), "batch": 1, "context": args.context,
         "prefill_tokens_per_second": round(args.context / prefill_s, 1),
         "decode_tokens_per_second_cached_fp32": round(1 / cached, 1),
         "decode_tokens_per_second_cached_bf16": round(1 / cached_bf16, 1),
@@ -115,8 +114,7 @@ def main(argv=None) -> None:
         "cache_speedup_fp32": round(uncached / cached, 2),
         "cache_speedup_bf16_decode": round(uncached / cached_bf16, 2),
         **compiled_figures,
-        "generate_auto_decode_dtype": str(decoding_dtype(model, "auto")).removeprefix("torch."),
-        "load_avg_1m_end": round(os.getloadavg()[0], 2),
+        "generate_auto_decode_dtype": dtype_name(decoding_dtype(model, "auto")),
     })
 
 

@@ -13,16 +13,18 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 # The benchmarks describe the machine the way potion itself sees it (its bf16 and thread choices).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from potion.hardware import cpu_flags, cpu_has_fast_bf16, physical_cores  # noqa: E402
+# matmul_peak_tflops is potion's own, so that the benchmarks' MFU and the training progress bar's compare.
+from potion.hardware import cpu_flags, matmul_peak_tflops, physical_cores, synchronize  # noqa: E402
 
 
 def _cpuinfo_text() -> str:
@@ -63,12 +65,6 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     }
 
 
-def synchronize(device: str | torch.device) -> None:
-    """Wait for queued GPU work so wall-clock timings measure the work, not its launch."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_once(fn: Callable[[], object], device: str | torch.device = "cpu") -> float:
     """Seconds one call of ``fn`` takes, GPU work included."""
     synchronize(device)
@@ -90,32 +86,35 @@ def median_of(fn: Callable[[], object], reps: int, device: str | torch.device = 
     return statistics.median(time_once(fn, device) for _ in range(reps))
 
 
-def matmul_peak_tflops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                       n: int | None = None, reps: int = 5) -> float:
-    """Measured median TFLOP/s of an n x n @ n x n matmul: the ceiling a model could approach.
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
-    Defaults: 8192 on CUDA (big enough to saturate a data-centre GPU), 2048 on CPU. bf16 on a CPU
-    without bf16 hardware is measured at n=256 only, because the emulated path would take minutes
-    at 2048; the number is still reported so the slowness is visible.
-    """
-    device = torch.device(device)
-    if n is None:
-        if device.type == "cuda":
-            n = 8192
-        elif dtype == torch.bfloat16 and not cpu_has_fast_bf16():
-            n = 256
-        else:
-            n = 2048
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    seconds = median_of(lambda: torch.mm(a, b), reps, device, warmup=2)
-    return 2 * n**3 / seconds / 1e12
+
+def result(benchmark: str, device: str | torch.device, dtype: torch.dtype, threads: int | None = None) -> dict:
+    """The fields every result line starts with, so that lines from different machines can be told apart."""
+    return {"benchmark": benchmark, "machine": machine_info(device), "dtype": dtype_name(dtype),
+            "threads": torch.get_num_threads() if threads is None else threads}
 
 
 def emit(record: dict) -> None:
-    """Print one result as a single JSON line on stdout (flushed, so partial runs keep results)."""
-    print(json.dumps(record), flush=True)
+    """Print one result as a single JSON line on stdout (flushed, so partial runs keep results).
+
+    The load average at the end goes with it: other processes that arrived mid-run show there, not in the
+    machine description taken at the start.
+    """
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    print(json.dumps({**record, "load_avg_1m_end": load}), flush=True)
+
+
+def run_json(cmd: list[str]) -> dict:
+    """Run a benchmark in its own process (so that it starts cold) and return the last JSON line it printed."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """The rows of a potion run's log.jsonl."""
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from machine import emit, machine_info  # noqa: E402
+from machine import emit, result  # noqa: E402
 
 from potion.config import resolve  # noqa: E402
 from potion.data import prepare  # noqa: E402
@@ -82,10 +81,7 @@ def main() -> None:
         sampler.stop.set()
         rss_end = rss_mb()
     emit({
-        "benchmark": "memory",
-        **machine_info(device),
-        "dtype": str(pick_dtype(config.train.dtype, device)).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
+        **result("memory", device, pick_dtype(config.train.dtype, device)),
         "steps": summary["steps"],
         "parameters": summary["parameters"],
         "seconds": round(ended - started, 1),

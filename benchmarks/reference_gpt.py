@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import statistics
 import time
@@ -28,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chardata import DEFAULT_DATA, fixed_val_batches, load_chars, sample_batch, val_windows
-from machine import emit, machine_info, matmul_peak_tflops, physical_cores, synchronize
+from machine import emit, matmul_peak_tflops, physical_cores, result, synchronize
 
 
 class CausalSelfAttention(nn.Module):
@@ -250,7 +249,7 @@ def run_time_to_loss(args, model, train_ids, val_ids, tokens_per_step, clock_sta
         best_val_loss=round(min(e["val_loss"] for e in evals), 4),
         final_val_loss_full_split=round(full_val_loss(model, val_ids, args.context, args.device), 4),
         train_seconds_total=round(sum(secs), 3), wall_seconds_total=round(evals[-1]["wall_seconds"], 3),
-        ms_per_step=round(statistics.median(secs) * 1e3, 3))
+        ms_per_step=round(statistics.median(secs) * 1e3, 3) if secs else None)  # none if the target was met at step 0
 
 
 def main(argv=None):
@@ -262,18 +261,15 @@ def main(argv=None):
     data_seconds = time.perf_counter() - t0
     model = ReferenceGPT(vocab, args.n_layer, args.n_head, args.n_embd, args.context,
                          args.dropout).to(args.device)
-    record = {"benchmark": f"reference_gpt.{args.mode}", "n_layer": args.n_layer, "n_head": args.n_head,
-              "n_embd": args.n_embd, "context": args.context, "batch": args.batch,
+    record = {**result(f"reference_gpt.{args.mode}", args.device, torch.float32), "n_layer": args.n_layer,
+              "n_head": args.n_head, "n_embd": args.n_embd, "context": args.context, "batch": args.batch,
               "dropout": args.dropout, "vocab_size": vocab, "params": model.num_params(),
-              "data_seconds": round(data_seconds, 4), "seed": args.seed,
-              "machine": machine_info(args.device), "torch_threads": torch.get_num_threads()}
+              "data_seconds": round(data_seconds, 4), "seed": args.seed}
     tokens_per_step = args.batch * args.context
     if args.mode == "speed":
         record.update(run_speed(args, model, train_ids, tokens_per_step))
     else:
         record.update(run_time_to_loss(args, model, train_ids, val_ids, tokens_per_step, t0))
-    # Load at the end too: other processes that arrived mid-run show here, not in machine_info.
-    record["load_avg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     emit(record)
 
 

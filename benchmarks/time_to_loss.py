@@ -19,9 +19,6 @@ Usage (from the project root):
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from chardata import DEFAULT_DATA  # noqa: E402
-from machine import emit, machine_info  # noqa: E402
+from machine import emit, read_log, result, run_json  # noqa: E402
 
 from potion.config import resolve  # noqa: E402
 from potion.hardware import pick_device, pick_dtype  # noqa: E402
@@ -43,14 +40,13 @@ from potion.train import train  # noqa: E402
 def reference_time_to_loss(target: float, threads: int) -> dict:
     cmd = [sys.executable, str(HERE / "reference_gpt.py"), "--mode", "time-to-loss", "--target", str(target),
            "--threads", str(threads), "--stop-at-target"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json(cmd)
 
 
 REFERENCE_EVAL_TOKENS = 20 * 12 * 64  # reference_gpt.py's validation set: 20 batches of 12 x 64
 
 
-def potion_time_to_loss(preset: str, target: float, eval_every: int, overrides: list[str]) -> dict:
+def potion_time_to_loss(preset: str, target: float, eval_every: int, overrides: list[str]) -> tuple:
     with tempfile.TemporaryDirectory() as tmp:
         shape = resolve(preset, None, overrides)
         eval_batches = max(1, round(REFERENCE_EVAL_TOKENS / (shape.train.batch_size * shape.model.context_length)))
@@ -60,7 +56,7 @@ def potion_time_to_loss(preset: str, target: float, eval_every: int, overrides: 
         launched = time.time()
         summary = train(config, out=Path(tmp) / "run", quiet=True)
         wall = time.time() - launched
-        rows = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
+        rows = read_log(Path(tmp) / "run")
     evals = [r for r in rows if r["kind"] == "eval"]
     hit = next((r for r in evals if r["val_loss"] <= target), None)
     return config, {
@@ -79,8 +75,7 @@ def potion_in_a_fresh_process(args) -> dict:
     """A potion run in its own process, so that each one starts as cold as the reference does."""
     cmd = [sys.executable, __file__, "--no-reference", "--preset", args.preset, "--target", str(args.target),
            "--eval-every", str(args.eval_every), *(f"--set={o}" for o in args.set)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json(cmd)
 
 
 def main(argv=None) -> None:
@@ -94,15 +89,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     if args.no_reference:
-        config, result = potion_time_to_loss(args.preset, args.target, args.eval_every, args.set)
+        config, figures = potion_time_to_loss(args.preset, args.target, args.eval_every, args.set)
         device = pick_device(config.train.device)
         m, t = config.model, config.train
-        emit({"benchmark": "time_to_loss", "preset": args.preset, "overrides": args.set,
-              "machine": machine_info(device), "dtype": str(pick_dtype(t.dtype, device)).removeprefix("torch."),
-              "threads": torch.get_num_threads(), "target": args.target,
+        emit({**result("time_to_loss", device, pick_dtype(t.dtype, device)), "preset": args.preset,
+              "overrides": args.set, "target": args.target,
               "shape": f"{m.n_layer}L/{m.n_head}H/{m.n_embd}, context {m.context_length}, batch {t.batch_size}",
-              "optimizer": t.optimizer, "compile": t.compile, **{f"potion_{k}": v for k, v in result.items()},
-              "load_avg_1m_end": round(os.getloadavg()[0], 2)})
+              "optimizer": t.optimizer, "compile": t.compile, **{f"potion_{k}": v for k, v in figures.items()}})
         return
 
     before = potion_in_a_fresh_process(args)
@@ -119,7 +112,6 @@ def main(argv=None) -> None:
         mean = (before["potion_seconds_to_target_wall"] + after["potion_seconds_to_target_wall"]) / 2
         record["potion_mean_seconds_to_target_wall"] = round(mean, 2)
         record["speedup"] = round(ref["seconds_to_target_wall"] / mean, 2)
-    record["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     emit(record)
 
 

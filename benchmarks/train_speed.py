@@ -14,10 +14,7 @@ Usage (from the project root):
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +25,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from chardata import DEFAULT_DATA  # noqa: E402
-from machine import emit, machine_info, matmul_peak_tflops  # noqa: E402
+from machine import dtype_name, emit, matmul_peak_tflops, read_log, result, run_json  # noqa: E402
 
-from potion.checkpoint import read_config  # noqa: E402
+from potion.run import read_config  # noqa: E402
 from potion.config import resolve  # noqa: E402
 from potion.hardware import pick_device, pick_dtype  # noqa: E402
 from potion.model import GPT  # noqa: E402
@@ -42,8 +39,7 @@ def reference_speed(model_config, batch: int, steps: int, threads: int) -> dict:
            "--threads", str(threads), "--n-layer", str(model_config.n_layer), "--n-head", str(model_config.n_head),
            "--n-embd", str(model_config.n_embd), "--context", str(model_config.context_length),
            "--batch", str(batch), "--dropout", str(model_config.dropout)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json(cmd)
 
 
 def potion_speed(preset: str, overrides: list[str], steps: int) -> dict:
@@ -54,7 +50,7 @@ def potion_speed(preset: str, overrides: list[str], steps: int) -> dict:
                                         "eval_batches=1", "sample_tokens=0", "max_time=0", *overrides])
         summary = train(config, out=Path(tmp) / "run", quiet=True)
         config = read_config(Path(tmp) / "run")  # with the vocabulary size filled in
-        rows = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
+        rows = read_log(Path(tmp) / "run")
     windows = [r["tokens_per_second"] for r in rows if r["kind"] == "train"][1:]
     return config, summary, windows
 
@@ -78,14 +74,13 @@ def main(argv=None) -> None:
         flops = GPT(m).training_flops_per_token()
         peak = matmul_peak_tflops(device, dtype)
         record = {
-            "benchmark": "train_speed", "preset": preset, "overrides": args.set, "machine": machine_info(device),
-            "dtype": str(dtype).removeprefix("torch."), "threads": threads, "compile": config.train.compile,
-            "optimizer": config.train.optimizer, "parameters": summary["parameters"],
+            **result("train_speed", device, dtype, threads), "preset": preset, "overrides": args.set,
+            "compile": config.train.compile, "optimizer": config.train.optimizer, "parameters": summary["parameters"],
             "batch": config.train.batch_size, "context": m.context_length, "dropout": m.dropout,
             "potion_tokens_per_second": round(tokens_per_second, 1),
             "potion_windows_tokens_per_second": windows,
             "potion_tflops": round(flops * tokens_per_second / 1e12, 4),
-            f"matmul_peak_tflops_{str(dtype).removeprefix('torch.')}": round(peak, 4),
+            f"matmul_peak_tflops_{dtype_name(dtype)}": round(peak, 4),
             "potion_mfu": round(flops * tokens_per_second / 1e12 / peak, 4),
         }
         if not args.no_reference:
@@ -93,7 +88,6 @@ def main(argv=None) -> None:
             record.update(reference_tokens_per_second=ref["tokens_per_second"],
                           reference_ms_per_step=ref["ms_per_step"],
                           speedup=round(tokens_per_second / ref["tokens_per_second"], 2))
-        record["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
         emit(record)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import shutil
 import sys
 import sysconfig
 import urllib.request
 from pathlib import Path
 
 from .errors import PotionError
+from .fileio import sha256_file
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -43,7 +45,8 @@ def pydocs_dir() -> Path:
     try:
         from pydoc_data.topics import topics
 
-        (tmp / "_topics.txt").write_text("\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n", encoding="utf-8")
+        topics_text = "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
+        (tmp / "_topics.txt").write_text(topics_text, encoding="utf-8")
     except ImportError:  # some distributions strip pydoc_data; the docstrings are enough
         pass
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -53,8 +56,8 @@ def pydocs_dir() -> Path:
     (tmp / ".complete").write_text("")
     try:
         tmp.rename(folder)
-    except OSError:  # another process finished first
-        _remove_tree(tmp)
+    except OSError:  # another process finished first; a copy of ours left behind would only take space
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -81,16 +84,10 @@ def _module_docstrings(stdlib: Path) -> dict[str, str]:
     return {name: "\n\n".join(docs) + "\n" for name, docs in found.items()}
 
 
-def _remove_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*"), reverse=True):
-        p.rmdir() if p.is_dir() else p.unlink()
-    path.rmdir()
-
-
 def shakespeare_file() -> Path:
     """Tiny Shakespeare, downloaded once into the cache and checked against its sha256."""
     path = cache_root() / "corpora" / "tinyshakespeare.txt"
-    if path.is_file() and _sha256(path.read_bytes()) == SHAKESPEARE_SHA256:
+    if path.is_file() and sha256_file(path) == SHAKESPEARE_SHA256:
         return path
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
@@ -100,14 +97,11 @@ def shakespeare_file() -> Path:
             f"could not download Tiny Shakespeare ({e.__class__.__name__}: {e}); "
             "pass a local copy instead: --data path/to/tinyshakespeare.txt"
         ) from None
-    if _sha256(body) != SHAKESPEARE_SHA256:
-        raise PotionError(f"the file downloaded from {SHAKESPEARE_URL} does not match its known sha256; pass a local copy with --data")
+    if hashlib.sha256(body).hexdigest() != SHAKESPEARE_SHA256:
+        raise PotionError(f"the file downloaded from {SHAKESPEARE_URL} does not match its known sha256; "
+                          "pass a local copy with --data")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(body)
     tmp.replace(path)
     return path
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

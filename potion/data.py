@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .config import DataConfig
 from .corpora import BUILTIN, builtin_path, cache_root
 from .errors import PotionError
+from .fileio import hash_file
 from .tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json, train_tokenizer
 
 BLOCK_BYTES = 4 << 20  # read and tokenize 4 MB at a time
@@ -79,13 +80,15 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
             final = not raw
             nul = raw.find(b"\0")
             if nul >= 0:
-                raise PotionError(f"'{path}' looks like a binary file (a NUL byte at byte offset {offset + nul}); potion trains on text")
+                raise PotionError(f"'{path}' looks like a binary file (a NUL byte at byte offset {offset + nul}); "
+                                  "potion trains on text")
             try:
                 text = decoder.decode(raw, final=final)
             except UnicodeDecodeError as e:
                 pending = len(decoder.getstate()[0]) if not final else 0
                 bad = offset - pending + e.start
-                raise PotionError(f"'{path}' is not valid UTF-8 at byte offset {max(bad, 0)}; convert it to UTF-8 first") from None
+                raise PotionError(f"'{path}' is not valid UTF-8 at byte offset {max(bad, 0)}; "
+                                  "convert it to UTF-8 first") from None
             offset += len(raw)
             if text:
                 yield text
@@ -96,7 +99,8 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
 def check_not_empty(files: list[Path]) -> list[Path]:
     nonempty = [p for p in files if p.stat().st_size > 0]
     if not nonempty:
-        raise PotionError(f"data file '{files[0]}' is empty" if len(files) == 1 else f"all {len(files)} data files are empty")
+        raise PotionError(f"data file '{files[0]}' is empty" if len(files) == 1
+                          else f"all {len(files)} data files are empty")
     return nonempty
 
 
@@ -105,9 +109,7 @@ def corpus_key(files: list[Path]) -> str:
     h = hashlib.sha256()
     for i, p in enumerate(files):
         h.update(f"{i}:{p.stat().st_size}:".encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
+        hash_file(h, p)
     return h.hexdigest()
 
 
@@ -126,7 +128,6 @@ class TokenFile:
     tokens: np.ndarray
     tokenizer: Tokenizer
     folder: Path
-    files: list[str]
 
     def split(self, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
         n_val = int(len(self.tokens) * val_fraction)
@@ -137,7 +138,8 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def prepare(config: DataConfig, tokenizer: Tokenizer | None = None, data: str | None = None, quiet: bool = False) -> TokenFile:
+def prepare(config: DataConfig, tokenizer: Tokenizer | None = None, data: str | None = None,
+            quiet: bool = False) -> TokenFile:
     """Tokenize the corpus (or reuse the cached tokens). Without a tokenizer, one is trained on the corpus."""
     files = check_not_empty(find_files(data or config.data))
     key = corpus_key(files)
@@ -161,7 +163,8 @@ def prepare(config: DataConfig, tokenizer: Tokenizer | None = None, data: str | 
     tmp.mkdir(parents=True)
     n_tokens = _tokenize_to_file(files, tokenizer, tmp / "tokens.bin", quiet)
     save_tokenizer(tokenizer, tmp / "tokenizer.json")
-    meta = {"n_tokens": n_tokens, "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name, "files": [str(p) for p in files]}
+    meta = {"n_tokens": n_tokens, "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
+            "files": [str(p) for p in files]}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         tmp.rename(folder)
@@ -177,7 +180,7 @@ def _open_token_file(folder: Path, tokenizer: Tokenizer | None) -> TokenFile:
     if (folder / "tokens.bin").stat().st_size != meta["n_tokens"] * dtype.itemsize:
         raise ValueError("token file size does not match its metadata")
     tokens = np.memmap(folder / "tokens.bin", dtype=dtype, mode="r", shape=(meta["n_tokens"],))
-    return TokenFile(tokens, tokenizer, folder, meta["files"])
+    return TokenFile(tokens, tokenizer, folder)
 
 
 def _work_items(files: list[Path]) -> Iterator[tuple[str, str, bool]]:
@@ -212,7 +215,8 @@ def _encode_item(item: tuple[str, str, bool]) -> tuple[np.ndarray, int]:
 
 def _tokenize_to_file(files: list[Path], tokenizer: Tokenizer, out: Path, quiet: bool) -> int:
     total_bytes = sum(p.stat().st_size for p in files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or total_bytes < PARALLEL_BYTES)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+               disable=quiet or total_bytes < PARALLEL_BYTES)
     n = 0
     workers = min(os.cpu_count() or 1, 8)
     with open(out, "wb") as f:

@@ -6,6 +6,7 @@ norm gains. The schedule is a pure function of the step, so a resumed run picks 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -76,13 +77,21 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str
     return optimizers
 
 
+@functools.lru_cache(maxsize=None)
 def has_fused_adamw(device_type: str) -> bool:
-    """The fused AdamW kernel: one pass over the parameters, and it can drop a step on the device (found_inf)."""
+    """The fused AdamW kernel: one pass over the parameters, and it can drop a step on the device (found_inf).
+
+    torch lists the devices that have the kernel only in a private function, so this asks by taking one step on
+    a one-number parameter: torch refuses fused=True (in the step, or in older versions the constructor) where
+    the kernel is missing.
+    """
     try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        return device_type in _get_fused_kernels_supported_devices()
-    except ImportError:  # older torch builds: fused on CUDA only
-        return device_type == "cuda"
+        p = torch.zeros(1, device=device_type, requires_grad=True)
+        p.grad = torch.zeros_like(p)
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, ValueError, AssertionError):  # AssertionError: a torch built without this device
+        return False
+    return True
 
 
 def can_skip_on_device(optimizers: list[torch.optim.Optimizer]) -> bool:

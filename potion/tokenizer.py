@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -108,9 +108,6 @@ class BPETokenizer:
     def encode_array(self, text: str, source: str = "text") -> np.ndarray:
         return np.asarray(self.encode(text, source), dtype=np.int64)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
-
     def decode(self, ids: Iterable[int]) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=False)
 
@@ -169,8 +166,3 @@ def load_tokenizer(path: Path) -> Tokenizer:
     if not path.is_file():
         raise PotionError(f"tokenizer file '{path}' is missing")
     return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
-
-
-def iter_chunks(text: str, size: int) -> Iterator[str]:
-    for i in range(0, len(text), size):
-        yield text[i : i + size]

@@ -25,3 +25,9 @@ def test_matmul_peak_leaves_the_global_random_state_alone():
     hardware.matmul_peak_tflops.cache_clear()
     assert hardware.matmul_peak_tflops(torch.device("cpu"), torch.float32) > 0
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_matmul_peak_stays_quick_where_bf16_is_emulated(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert hardware.matmul_size(cpu, torch.bfloat16) < hardware.matmul_size(cpu, torch.float32)

@@ -96,3 +96,8 @@ def test_orthogonalising_a_stack_equals_one_matrix_at_a_time():
         stack = torch.randn(*shape, generator=gen)
         one_by_one = torch.stack([optim.orthogonalise(g) for g in stack])
         torch.testing.assert_close(optim.orthogonalise(stack), one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_is_found_where_torch_has_the_kernel():
+    assert optim.has_fused_adamw("cpu")  # torch >= 2.4 has a fused CPU kernel; potion asks for torch >= 2.5
+    assert not optim.has_fused_adamw("meta")  # a device with no kernel (and no data) is refused, not an error
