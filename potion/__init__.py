@@ -7,6 +7,18 @@ from .generate import generate_text
 from .model import GPT
 from .run import LoadedRun, load
 
-__all__ = ["GPT", "DataConfig", "Explanation", "LoadedRun", "ModelConfig", "PotionError", "RunConfig",
-           "SamplingConfig", "TrainConfig", "explain", "generate_text", "load"]
+__all__ = [
+    "GPT",
+    "DataConfig",
+    "Explanation",
+    "LoadedRun",
+    "ModelConfig",
+    "PotionError",
+    "RunConfig",
+    "SamplingConfig",
+    "TrainConfig",
+    "explain",
+    "generate_text",
+    "load",
+]
 __version__ = "0.1.0"

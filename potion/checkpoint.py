@@ -67,8 +67,9 @@ def load_model_state(model: GPT, state: dict[str, torch.Tensor], source: str) ->
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (model.config.tie_embeddings and k == "head.weight")]
     if missing or unexpected:
-        raise PotionError(f"'{source}' does not match the model in config.json (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+        raise PotionError(
+            f"'{source}' does not match the model in config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 # ---------------------------------------------------------------- resume checkpoints
@@ -85,8 +86,9 @@ def _flatten_optimizer(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[st
     return tensors, groups
 
 
-def _unflatten_optimizer(optimizers: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor],
-                         groups: list) -> None:
+def _unflatten_optimizer(
+    optimizers: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], groups: list
+) -> None:
     for i, opt in enumerate(optimizers):
         state: dict[int, dict] = {}
         for key, value in tensors.items():
@@ -220,9 +222,13 @@ def load_latest_checkpoint(run_dir: Path, model, optimizers) -> tuple[Path, dict
         if problem is None:
             return (path, *load_checkpoint(path, model, optimizers))
         older = checkpoints[-i - 2].name if i + 1 < len(checkpoints) else None
-        warnings.warn(f"checkpoint '{path}' is damaged ({problem}); "
-                      + (f"falling back to {older}" if older else "no older checkpoint is left"))
+        warnings.warn(
+            f"checkpoint '{path}' is damaged ({problem}); "
+            + (f"falling back to {older}" if older else "no older checkpoint is left")
+        )
     if checkpoints:
-        raise PotionError(f"no intact checkpoint in '{run_dir / 'checkpoints'}'; train into a new --out "
-                          "(or delete that folder to restart this run from step 0)")
+        raise PotionError(
+            f"no intact checkpoint in '{run_dir / 'checkpoints'}'; train into a new --out "
+            "(or delete that folder to restart this run from step 0)"
+        )
     return None

@@ -17,9 +17,16 @@ import warnings
 from .errors import PotionError
 
 # Flags of `potion train` that are config fields, typed by argparse and passed on as typed values.
-TRAIN_FIELD_FLAGS = {"data": "data.data", "max_steps": "train.max_steps", "max_time": "train.max_time",
-                     "eval_every": "train.eval_every", "checkpoint_every": "train.checkpoint_every",
-                     "device": "train.device", "seed": "train.seed", "probe": "train.probe"}
+TRAIN_FIELD_FLAGS = {
+    "data": "data.data",
+    "max_steps": "train.max_steps",
+    "max_time": "train.max_time",
+    "eval_every": "train.eval_every",
+    "checkpoint_every": "train.checkpoint_every",
+    "device": "train.device",
+    "seed": "train.seed",
+    "probe": "train.probe",
+}
 
 
 def print_json(body: dict) -> None:
@@ -44,10 +51,12 @@ def cmd_train(args) -> int:
     if args.json:
         print_json(summary)
     else:
-        print(f"trained {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['seconds']:.0f} s, "
-              f"{summary['tokens_per_second']:,.0f} tokens/s; validation loss {summary['val_loss']:.4f}, "
-              f"best {summary['best_val_loss']:.4f}\n"
-              f"saved to {summary['out']}; try: potion generate --model {summary['out']}")
+        print(
+            f"trained {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['seconds']:.0f} s, "
+            f"{summary['tokens_per_second']:,.0f} tokens/s; validation loss {summary['val_loss']:.4f}, "
+            f"best {summary['best_val_loss']:.4f}\n"
+            f"saved to {summary['out']}; try: potion generate --model {summary['out']}"
+        )
     return 0
 
 
@@ -56,9 +65,16 @@ def cmd_generate(args) -> int:
     from .generate import generate_text
     from .run import load
 
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), num_samples=args.num_samples,
-                              decode_dtype=args.decode_dtype)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        num_samples=args.num_samples,
+        decode_dtype=args.decode_dtype,
+    )
     model, tokenizer = load(args.model)
     prompt = args.prompt or ""
     on_text = None if args.json else stream_to_stdout(prompt, sampling.num_samples)
@@ -101,8 +117,10 @@ def cmd_eval(args) -> int:
         print_json(result)
     else:
         split = f"'{args.data}'" if args.data else "the validation split"
-        print(f"{split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-              f"bits per byte {result['bits_per_byte']:.4f} over {result['tokens']:,} tokens")
+        print(
+            f"{split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+            f"bits per byte {result['bits_per_byte']:.4f} over {result['tokens']:,} tokens"
+        )
     return 0
 
 
@@ -111,8 +129,16 @@ def cmd_explain(args) -> int:
     from .run import load
 
     run = load(args.model)
-    e = explain(run.model, args.prompt, run.tokenizer, token=args.token, layer=args.layer, head=args.head,
-                top_k=args.top_k, expect=args.expect)
+    e = explain(
+        run.model,
+        args.prompt,
+        run.tokenizer,
+        token=args.token,
+        layer=args.layer,
+        head=args.head,
+        top_k=args.top_k,
+        expect=args.expect,
+    )
     written = []
     if args.json_out:
         save_json(e, args.json_out)
@@ -158,8 +184,9 @@ def add_train(sub) -> None:
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--seed", type=int)
-    t.add_argument("--probe", metavar="TEXT",
-                   help="save the explain data for TEXT at every evaluation (RUN/probes/step-N.json)")
+    t.add_argument(
+        "--probe", metavar="TEXT", help="save the explain data for TEXT at every evaluation (RUN/probes/step-N.json)"
+    )
     t.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     t.add_argument("--quiet", action="store_true", help="no progress bar or samples")
     t.set_defaults(func=cmd_train)
@@ -176,9 +203,13 @@ def add_generate(sub) -> None:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears")
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int)
-    g.add_argument("--decode-dtype", default="auto", metavar="auto|fp32|bf16",
-                   help="weights for the one-token steps: bf16 halves the bytes read per token (auto: where that is "
-                        "faster); fp32 matches the full forward pass exactly")
+    g.add_argument(
+        "--decode-dtype",
+        default="auto",
+        metavar="auto|fp32|bf16",
+        help="weights for the one-token steps: bf16 halves the bytes read per token (auto: where that is "
+        "faster); fp32 matches the full forward pass exactly",
+    )
     g.add_argument("--json", action="store_true", help="print the samples as one JSON object")
     g.set_defaults(func=cmd_generate)
 
@@ -195,10 +226,17 @@ def add_explain(sub) -> None:
     x = sub.add_parser("explain", help="look inside one prediction: attention, logit lens, what mattered")
     x.add_argument("prompt", help="the text whose next-token prediction is explained")
     x.add_argument("--model", help="run directory (default: the latest under ./runs)")
-    x.add_argument("--token", type=int, default=-1, metavar="INDEX",
-                   help="the token whose attention is explained, 0-based (default: -1, the last)")
+    x.add_argument(
+        "--token",
+        type=int,
+        default=-1,
+        metavar="INDEX",
+        help="the token whose attention is explained, 0-based (default: -1, the last)",
+    )
     x.add_argument("--layer", type=int, metavar="L", help="the layer shown in detail, 0-based (default: the last)")
-    x.add_argument("--head", type=int, metavar="H", help="the head shown in detail, 0-based (default: the most focused)")
+    x.add_argument(
+        "--head", type=int, metavar="H", help="the head shown in detail, 0-based (default: the most focused)"
+    )
     x.add_argument("--top-k", type=int, default=5, metavar="K", help="candidates and keys listed (default: 5)")
     x.add_argument("--expect", metavar="TEXT", help="the continuation you expected: its rank, and what mattered for it")
     x.add_argument("--html", metavar="FILE", help="write one self-contained page (works offline)")
@@ -209,8 +247,9 @@ def add_explain(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="potion",
-                                     description="Train a small GPT on your own text, sample from it, look inside.")
+    parser = argparse.ArgumentParser(
+        prog="potion", description="Train a small GPT on your own text, sample from it, look inside."
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_generate, add_eval, add_explain):

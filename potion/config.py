@@ -80,7 +80,9 @@ class DataConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise PotionError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.bpe_vocab_size < 260:
-            raise PotionError(f"data.bpe_vocab_size must be at least 260 (256 bytes + merges), got {self.bpe_vocab_size}")
+            raise PotionError(
+                f"data.bpe_vocab_size must be at least 260 (256 bytes + merges), got {self.bpe_vocab_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.train.grad_accum * self.model.context_length
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -217,7 +223,9 @@ def find_field(key: str) -> tuple[str, dataclasses.Field]:
     if not matches:
         raise PotionError(f"unknown config key {key!r}; see `potion presets` or config.json of a run for the keys")
     if len(matches) > 1:
-        raise PotionError(f"config key {key!r} is ambiguous; write it as " + " or ".join(f"{s}.{key}" for s, _ in matches))
+        raise PotionError(
+            f"config key {key!r} is ambiguous; write it as " + " or ".join(f"{s}.{key}" for s, _ in matches)
+        )
     return matches[0]
 
 
@@ -275,8 +283,13 @@ def load_toml(path: str | Path) -> dict:
         raise PotionError(f"config file '{p}' is not valid TOML: {e}") from None
 
 
-def resolve(preset: str | None = "tiny", config_file: str | None = None, overrides: list[str] = (),
-            base: RunConfig | None = None, values: dict[str, Any] | None = None) -> RunConfig:
+def resolve(
+    preset: str | None = "tiny",
+    config_file: str | None = None,
+    overrides: list[str] = (),
+    base: RunConfig | None = None,
+    values: dict[str, Any] | None = None,
+) -> RunConfig:
     """A preset (or a base config), then a TOML file, then --set overrides, then typed values (the command line's
     own flags): later ones win."""
     config = load_preset(preset) if preset or base is None else base
@@ -286,7 +299,6 @@ def resolve(preset: str | None = "tiny", config_file: str | None = None, overrid
     for key, value in (values or {}).items():
         config = set_value(config, key, value, key)
     return config
-
 
 
 DECODE_DTYPES = ("auto", "fp32", "bf16")  # auto, or a name in hardware.DTYPES (kept torch-free here)
@@ -307,18 +319,23 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
-            raise PotionError(f"max_new_tokens must not be negative, got {self.max_new_tokens}",
-                              setting="max_new_tokens")
+            raise PotionError(
+                f"max_new_tokens must not be negative, got {self.max_new_tokens}", setting="max_new_tokens"
+            )
         if not self.temperature >= 0:  # also catches NaN
-            raise PotionError(f"temperature must be 0 (greedy) or positive, got {self.temperature}",
-                              setting="temperature")
+            raise PotionError(
+                f"temperature must be 0 (greedy) or positive, got {self.temperature}", setting="temperature"
+            )
         if self.top_k is not None and self.top_k < 1:
-            raise PotionError(f"top_k must be at least 1 (leave it out for no limit), got {self.top_k}",
-                              setting="top_k")
+            raise PotionError(
+                f"top_k must be at least 1 (leave it out for no limit), got {self.top_k}", setting="top_k"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise PotionError(f"top_p must be in (0, 1], got {self.top_p}", setting="top_p")
         if self.num_samples < 1:
             raise PotionError(f"num_samples must be at least 1, got {self.num_samples}", setting="num_samples")
         if self.decode_dtype not in DECODE_DTYPES:
-            raise PotionError(f"decode_dtype must be one of {', '.join(DECODE_DTYPES)}, got {self.decode_dtype!r}",
-                              setting="decode_dtype")
+            raise PotionError(
+                f"decode_dtype must be one of {', '.join(DECODE_DTYPES)}, got {self.decode_dtype!r}",
+                setting="decode_dtype",
+            )

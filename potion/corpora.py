@@ -98,8 +98,9 @@ def shakespeare_file() -> Path:
             "pass a local copy instead: --data path/to/tinyshakespeare.txt"
         ) from None
     if hashlib.sha256(body).hexdigest() != SHAKESPEARE_SHA256:
-        raise PotionError(f"the file downloaded from {SHAKESPEARE_URL} does not match its known sha256; "
-                          "pass a local copy with --data")
+        raise PotionError(
+            f"the file downloaded from {SHAKESPEARE_URL} does not match its known sha256; pass a local copy with --data"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(body)

@@ -80,15 +80,18 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
             final = not raw
             nul = raw.find(b"\0")
             if nul >= 0:
-                raise PotionError(f"'{path}' looks like a binary file (a NUL byte at byte offset {offset + nul}); "
-                                  "potion trains on text")
+                raise PotionError(
+                    f"'{path}' looks like a binary file (a NUL byte at byte offset {offset + nul}); "
+                    "potion trains on text"
+                )
             try:
                 text = decoder.decode(raw, final=final)
             except UnicodeDecodeError as e:
                 pending = len(decoder.getstate()[0]) if not final else 0
                 bad = offset - pending + e.start
-                raise PotionError(f"'{path}' is not valid UTF-8 at byte offset {max(bad, 0)}; "
-                                  "convert it to UTF-8 first") from None
+                raise PotionError(
+                    f"'{path}' is not valid UTF-8 at byte offset {max(bad, 0)}; convert it to UTF-8 first"
+                ) from None
             offset += len(raw)
             if text:
                 yield text
@@ -99,8 +102,9 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
 def check_not_empty(files: list[Path]) -> list[Path]:
     nonempty = [p for p in files if p.stat().st_size > 0]
     if not nonempty:
-        raise PotionError(f"data file '{files[0]}' is empty" if len(files) == 1
-                          else f"all {len(files)} data files are empty")
+        raise PotionError(
+            f"data file '{files[0]}' is empty" if len(files) == 1 else f"all {len(files)} data files are empty"
+        )
     return nonempty
 
 
@@ -138,8 +142,9 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def prepare(config: DataConfig, tokenizer: Tokenizer | None = None, data: str | None = None,
-            quiet: bool = False) -> TokenFile:
+def prepare(
+    config: DataConfig, tokenizer: Tokenizer | None = None, data: str | None = None, quiet: bool = False
+) -> TokenFile:
     """Tokenize the corpus (or reuse the cached tokens). Without a tokenizer, one is trained on the corpus."""
     files = check_not_empty(find_files(data or config.data))
     key = corpus_key(files)
@@ -163,8 +168,11 @@ def prepare(config: DataConfig, tokenizer: Tokenizer | None = None, data: str | 
     tmp.mkdir(parents=True)
     n_tokens = _tokenize_to_file(files, tokenizer, tmp / "tokens.bin", quiet)
     save_tokenizer(tokenizer, tmp / "tokenizer.json")
-    meta = {"n_tokens": n_tokens, "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
-            "files": [str(p) for p in files]}
+    meta = {
+        "n_tokens": n_tokens,
+        "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
+        "files": [str(p) for p in files],
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         tmp.rename(folder)
@@ -215,8 +223,9 @@ def _encode_item(item: tuple[str, str, bool]) -> tuple[np.ndarray, int]:
 
 def _tokenize_to_file(files: list[Path], tokenizer: Tokenizer, out: Path, quiet: bool) -> int:
     total_bytes = sum(p.stat().st_size for p in files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-               disable=quiet or total_bytes < PARALLEL_BYTES)
+    bar = tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or total_bytes < PARALLEL_BYTES
+    )
     n = 0
     workers = min(os.cpu_count() or 1, 8)
     with open(out, "wb") as f:

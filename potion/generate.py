@@ -46,8 +46,9 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
     logits = logits.float()
     if temperature == 0:
@@ -185,9 +186,17 @@ def generate_text(model, tokenizer, prompt: str, sampling: SamplingConfig, on_te
 def continue_prompt(model, tokenizer, idx: torch.Tensor, sampling: SamplingConfig, generator, stream=None) -> Sample:
     """One continuation of idx (1, T) up to end-of-text, a stop string or max_new_tokens. stream(new_text) gets
     the text as it settles (never part of a stop string or half a character)."""
-    tokens = generate_tokens(model, idx, sampling.max_new_tokens, temperature=sampling.temperature,
-                             top_k=sampling.top_k or 0, top_p=sampling.top_p, generator=generator,
-                             eot_id=tokenizer.eot_id, decode_dtype=sampling.decode_dtype)
+    tokens = generate_tokens(
+        model,
+        idx,
+        sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k or 0,
+        top_p=sampling.top_p,
+        generator=generator,
+        eot_id=tokenizer.eot_id,
+        decode_dtype=sampling.decode_dtype,
+    )
     new_ids: list[int] = []
     text, shown, reason = "", 0, "length"
     for token in tokens:

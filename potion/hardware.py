@@ -111,8 +111,9 @@ def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def matmul_peak_tflops(device: torch.device | str, dtype: torch.dtype, size: int | None = None,
-                       repeats: int = 10) -> float:
+def matmul_peak_tflops(
+    device: torch.device | str, dtype: torch.dtype, size: int | None = None, repeats: int = 10
+) -> float:
     """Measured TFLOP/s of a square matmul in this dtype: the yardstick for model FLOPs utilisation (MFU).
 
     The training progress bar and the benchmarks both use it, so their MFU figures compare. Two untimed calls

@@ -26,8 +26,10 @@ class StopRequest(threading.Event):
         if self.is_set():
             raise KeyboardInterrupt
         self.set()
-        tqdm.write("\npotion: Ctrl-C: finishing this step, then saving (press Ctrl-C again to abort without saving)",
-                   file=sys.stderr)
+        tqdm.write(
+            "\npotion: Ctrl-C: finishing this step, then saving (press Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+        )
 
     def restore(self) -> None:
         if self.previous is not None:

@@ -111,8 +111,15 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, rope=None, cache: LayerCache | None = None, start: int = 0, trace: dict | None = None,
-                value_embedding=None):
+    def forward(
+        self,
+        x,
+        rope=None,
+        cache: LayerCache | None = None,
+        start: int = 0,
+        trace: dict | None = None,
+        value_embedding=None,
+    ):
         B, T, C = x.shape
         v = self.value(x) if value_embedding is None else self.value(x) + value_embedding
         q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(v)
@@ -236,8 +243,9 @@ class GPT(nn.Module):
         multiplied = sum(p.numel() for p in self.blocks.parameters()) + self.head.weight.numel()
         return 6 * multiplied + 6 * c.n_layer * c.n_embd * c.context_length
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, trace: list | None = None, *,
-                last_only: bool = False):
+    def forward(
+        self, idx, targets=None, cache: KVCache | None = None, trace: list | None = None, *, last_only: bool = False
+    ):
         """idx: (B, T) token ids. Returns logits (B, T, V), and the mean cross-entropy if targets are given.
 
         With a cache, idx continues the cached sequence. With trace=[] (explicit attention path), one dict per

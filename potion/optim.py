@@ -1,4 +1,4 @@
-"""Optimizers and the learning-rate schedule.
+"""Optimizers, the learning-rate schedule, and steps dropped on the device when they are not finite.
 
 Weight decay is decoupled (AdamW) and applies to matrices only: embeddings and linear weights, never biases or
 norm gains. The schedule is a pure function of the step, so a resumed run picks it up exactly.
@@ -58,19 +58,30 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str
     """A list of optimizers stepped together (one for AdamW; Muon adds a second for the hidden matrices)."""
     muon_params = hidden_matrices(model) if config.optimizer == "muon" else []
     muon_ids = {id(p) for p in muon_params}
-    groups = [{**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
-              for g in parameter_groups(model, config.weight_decay)]
+    groups = [
+        {**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
+        for g in parameter_groups(model, config.weight_decay)
+    ]
     for g in groups:
         g["peak_lr"] = config.learning_rate
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.learning_rate, betas=(config.beta1, config.beta2),
-        fused=has_fused_adamw(device_type) or None
-    )]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=config.learning_rate,
+            betas=(config.beta1, config.beta2),
+            fused=has_fused_adamw(device_type) or None,
+        )
+    ]
     if muon_params:
         # bf16 Newton-Schulz where bf16 is fast; on CPUs without bf16 hardware it would be hundreds of times slower
         fast_bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_has_fast_bf16())
-        muon = Muon(muon_params, lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95,
-                    orthogonalise_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
+        muon = Muon(
+            muon_params,
+            lr=config.muon_lr,
+            weight_decay=config.weight_decay,
+            momentum=0.95,
+            orthogonalise_dtype=torch.bfloat16 if fast_bf16 else torch.float32,
+        )
         for g in muon.param_groups:
             g["peak_lr"] = config.muon_lr
         optimizers.append(muon)
@@ -123,8 +134,14 @@ class Muon(torch.optim.Optimizer):
     matrices of one shape in one batched product, and like fused AdamW it honours `found_inf`, so a step with a
     NaN or inf gradient is dropped on the device without a host sync."""
 
-    def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
-                 orthogonalise_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        orthogonalise_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
         self.orthogonalise_dtype = orthogonalise_dtype
 
@@ -161,3 +178,42 @@ def set_learning_rate(optimizers: list[torch.optim.Optimizer], step: int, config
             g["lr"] = learning_rate_at(step, config, g["peak_lr"])
             first = g["lr"] if first is None else first
     return first
+
+
+class StepTally:
+    """What the training steps did, tallied on the device so that a step needs no host sync: the summed loss of the
+    finite steps and the count of non-finite ones (a NaN or inf loss or gradient norm), whose optimizer steps are
+    dropped on the device too (the optimizers' `found_inf`). The loop reads the counts back only now and then.
+    Optimizers that cannot drop a step on the device are skipped from the host instead."""
+
+    def __init__(
+        self, device: torch.device, optimizers: list, total: int = 0, since_last_row: int = 0, loss_sum: float = 0.0
+    ):
+        self.optimizers, self.on_device = optimizers, can_skip_on_device(optimizers)
+        self.dropped = torch.zeros((), device=device)  # 1.0 while the current step is being dropped
+        self.loss_sum = torch.tensor(loss_sum, device=device)
+        counts = (0, since_last_row, total)
+        self.in_a_row, self.since_last_row, self.total = (torch.tensor(float(n), device=device) for n in counts)
+        if self.on_device:
+            for opt in optimizers:
+                opt.found_inf = self.dropped
+
+    def step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Apply the optimizers unless the loss or gradient norm is not finite, and count."""
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.dropped.copy_(~finite)
+        if self.on_device or bool(finite):  # bool(): a host sync, only for optimizers without found_inf
+            for opt in self.optimizers:
+                opt.step()
+        self.in_a_row.mul_(self.dropped).add_(self.dropped)
+        self.since_last_row.add_(self.dropped)
+        self.total.add_(self.dropped)
+        self.loss_sum += torch.where(finite, loss, 0.0)
+
+    def read(self) -> tuple[int, int, int]:
+        """(in a row, since the last train row, in all): one host sync."""
+        return tuple(int(n) for n in torch.stack([self.in_a_row, self.since_last_row, self.total]).tolist())
+
+    def new_window(self) -> None:
+        self.loss_sum.zero_()
+        self.since_last_row.zero_()

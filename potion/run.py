@@ -34,9 +34,19 @@ FORMAT_VERSION = 1
 RUNS_DIR = Path("runs")
 LOCK_NAME = "train.lock"
 # Fields that may differ between a run and its resumption: they change when and how long, not what is learned.
-RESUMABLE_CHANGES = {"train.max_steps", "train.max_time", "train.stop_at_loss", "train.eval_every",
-                     "train.checkpoint_every", "train.keep_checkpoints", "train.sample_tokens", "train.device",
-                     "train.compile", "train.probe", "train.max_nonfinite_steps"}
+RESUMABLE_CHANGES = {
+    "train.max_steps",
+    "train.max_time",
+    "train.stop_at_loss",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.sample_tokens",
+    "train.device",
+    "train.compile",
+    "train.probe",
+    "train.max_nonfinite_steps",
+}
 DERIVED_FIELDS = {"model.vocab_size"}  # filled in from the tokenizer, never set by hand
 
 
@@ -94,8 +104,10 @@ def read_config(run_dir: Path) -> RunConfig:
         raise PotionError(f"'{path}' is damaged (not a JSON object)")
     version = body.pop("format_version", None)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise PotionError(f"'{run_dir}' was written by a newer potion (format {version}; this one reads up to "
-                          f"{FORMAT_VERSION}); upgrade potion")
+        raise PotionError(
+            f"'{run_dir}' was written by a newer potion (format {version}; this one reads up to "
+            f"{FORMAT_VERSION}); upgrade potion"
+        )
     return RunConfig.from_dict(body, str(path))
 
 
@@ -105,8 +117,10 @@ def check_resumable(run_dir: Path, saved: RunConfig, config: RunConfig) -> None:
     changed = [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]]
     changed = [f for f in changed if f not in RESUMABLE_CHANGES | DERIVED_FIELDS]
     if changed:
-        raise PotionError(f"cannot resume '{run_dir}' with a different {', '.join(changed)}; resume with the saved "
-                          "config (drop those flags) or train into a new --out")
+        raise PotionError(
+            f"cannot resume '{run_dir}' with a different {', '.join(changed)}; resume with the saved "
+            "config (drop those flags) or train into a new --out"
+        )
 
 
 # ---------------------------------------------------------------- resolving a run once
@@ -220,10 +234,14 @@ class RunLock:
         except OSError:
             pid, host = "unknown", socket.gethostname()
         if host != socket.gethostname():
-            return PotionError(f"'{self.run_dir}' is locked by process {pid} on host {host}; wait for that training "
-                               "to finish or train into another --out")
-        return PotionError(f"'{self.run_dir}' is in use by another training (process {pid} on {host}); wait for it "
-                           "to finish or train into another --out")
+            return PotionError(
+                f"'{self.run_dir}' is locked by process {pid} on host {host}; wait for that training "
+                "to finish or train into another --out"
+            )
+        return PotionError(
+            f"'{self.run_dir}' is in use by another training (process {pid} on {host}); wait for it "
+            "to finish or train into another --out"
+        )
 
 
 # ---------------------------------------------------------------- log.jsonl and loss.png
@@ -235,8 +253,11 @@ class RunLog:
     def __init__(self, path: Path, keep_through_step: int | None = None):
         self.path = path
         if keep_through_step is not None and path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                    if (row := self.parse(line)) is not None and row["step"] <= keep_through_step]
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if (row := self.parse(line)) is not None and row["step"] <= keep_through_step
+            ]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a", encoding="utf-8")
 

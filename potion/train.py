@@ -8,36 +8,39 @@ LoopState, and that is what a checkpoint saves (state.json) and what a resumed r
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import RunConfig, TrainConfig
+from .config import RunConfig
 from .data import Batches, absolute_data, fixed_batches, prepare
 from .errors import PotionError
 from .evaluate import estimate_loss
-from .explain import check_probe, save_probe
+from .explain import check_probe
 from .fileio import atomic_write_text
-from .generate import generate_tokens
-from .hardware import autocast, matmul_peak_tflops, maybe_compile, pick_device, pick_dtype, set_threads
+from .hardware import autocast, maybe_compile, pick_device, pick_dtype, set_threads
 from .interrupt import StopRequest
 from .model import GPT
-from .optim import can_skip_on_device, make_optimizer, set_learning_rate
-from .run import (RunLock, RunLog, SavedRun, check_resumable, find_run, new_run_dir, plot_losses, refuse_existing,
-                  remove_leftovers, with_vocabulary, write_config)
+from .optim import StepTally, make_optimizer, set_learning_rate
+from .report import Progress, log, report_evaluation, report_window, start_progress, summary
+from .run import (
+    RunLock,
+    RunLog,
+    SavedRun,
+    check_resumable,
+    find_run,
+    new_run_dir,
+    refuse_existing,
+    remove_leftovers,
+    with_vocabulary,
+    write_config,
+)
 from .tokenizer import Tokenizer
 
 LOG_EVERY = 10  # steps between loss read-backs from the device (on a GPU each one waits for the queued work)
-PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
-
-
-def log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
 
 
 # ---------------------------------------------------------------- the state a checkpoint saves
@@ -67,45 +70,9 @@ class LoopState:
         window = saved.get("log_window") or {}
         if isinstance(window, list):  # written by potion before the window had names: sum, steps, finite, nonfinite
             window = {"loss_sum": window[0], "steps": window[1], "nonfinite": window[3]}
-        return cls(saved["step"], saved["tokens"], saved["best_val_loss"], saved.get("nonfinite_steps", 0),
-                   LogWindow(**window))
-
-
-class StepTally:
-    """What the training steps did, tallied on the device so that a step needs no host sync: the summed loss of the
-    finite steps and the count of non-finite ones (a NaN or inf loss or gradient norm), whose optimizer steps are
-    dropped on the device too (the optimizers' `found_inf`). The loop reads the counts back only now and then.
-    Optimizers that cannot drop a step on the device are skipped from the host instead."""
-
-    def __init__(self, device: torch.device, optimizers: list, state: LoopState):
-        self.optimizers, self.on_device = optimizers, can_skip_on_device(optimizers)
-        self.dropped = torch.zeros((), device=device)  # 1.0 while the current step is being dropped
-        self.loss_sum = torch.tensor(state.log_window.loss_sum, device=device)
-        counts = (0, state.log_window.nonfinite, state.nonfinite_steps)
-        self.in_a_row, self.since_last_row, self.total = (torch.tensor(float(n), device=device) for n in counts)
-        if self.on_device:
-            for opt in optimizers:
-                opt.found_inf = self.dropped
-
-    def step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Apply the optimizers unless the loss or gradient norm is not finite, and count."""
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        self.dropped.copy_(~finite)
-        if self.on_device or bool(finite):  # bool(): a host sync, only for optimizers without found_inf
-            for opt in self.optimizers:
-                opt.step()
-        self.in_a_row.mul_(self.dropped).add_(self.dropped)
-        self.since_last_row.add_(self.dropped)
-        self.total.add_(self.dropped)
-        self.loss_sum += torch.where(finite, loss, 0.0)
-
-    def read(self) -> tuple[int, int, int]:
-        """(in a row, since the last train row, in all): one host sync."""
-        return tuple(int(n) for n in torch.stack([self.in_a_row, self.since_last_row, self.total]).tolist())
-
-    def new_window(self) -> None:
-        self.loss_sum.zero_()
-        self.since_last_row.zero_()
+        return cls(
+            saved["step"], saved["tokens"], saved["best_val_loss"], saved.get("nonfinite_steps", 0), LogWindow(**window)
+        )
 
 
 def host_read_interval(device: torch.device) -> int:
@@ -115,25 +82,6 @@ def host_read_interval(device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------- one run being trained
-
-
-@dataclass
-class Progress:
-    """What the loop times and reports; not saved (a resumed run starts its clocks again)."""
-
-    started: float
-    first_step: int
-    bar: tqdm
-    flops_per_token: int
-    peak_tflops: float  # the matmul peak measured here: model FLOPs utilisation (MFU) is relative to it
-    train_seconds: float = 0.0  # time in training steps only, evaluation excluded
-    window_started: float = field(default_factory=time.time)
-    last_plot: float = 0.0
-    learning_rate: float = 0.0
-    nonfinite_in_a_row: int = 0  # as last read; while > 0 nothing is checkpointed
-    best_step: int | None = None  # the step whose evaluation set the best validation loss in this session
-    train_loss: float | None = math.nan  # of the last evaluation
-    val_loss: float = math.nan
 
 
 @dataclass
@@ -160,8 +108,9 @@ class Training:
     quiet: bool
 
 
-def train(config: RunConfig, out: str | Path | SavedRun | None = None, resume: bool = False,
-          quiet: bool = False) -> dict:
+def train(
+    config: RunConfig, out: str | Path | SavedRun | None = None, resume: bool = False, quiet: bool = False
+) -> dict:
     """Train (or resume) a run; returns the summary that `potion train --json` prints.
 
     `out` is the run directory (default: a new one under ./runs; on resume, the latest run), or on resume the
@@ -213,13 +162,22 @@ def training_data(config: RunConfig, token_file) -> tuple[Batches, dict, int]:
     return batches, eval_sets, len(train_tokens)
 
 
-def start(config: RunConfig, run_dir: Path, device: torch.device, tokenizer: Tokenizer, data: tuple, resume: bool,
-          quiet: bool, started: float) -> Training:
+def start(
+    config: RunConfig,
+    run_dir: Path,
+    device: torch.device,
+    tokenizer: Tokenizer,
+    data: tuple,
+    resume: bool,
+    quiet: bool,
+    started: float,
+) -> Training:
     """Write the run's config and tokenizer, build the model and optimizers, and restore a checkpoint if resuming."""
     tc = config.train
     batches, eval_sets, n_train_tokens = data
     dtype = pick_dtype(tc.dtype, device)
-    threads = set_threads() if device.type == "cpu" else torch.get_num_threads()
+    if device.type == "cpu":
+        set_threads()
     write_config(run_dir, config)
     if not (run_dir / "tokenizer.json").is_file():
         atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
@@ -231,21 +189,28 @@ def start(config: RunConfig, run_dir: Path, device: torch.device, tokenizer: Tok
     state = LoopState() if restored is None else resume_from(restored, batches, run_dir)
     if resume and restored is None:
         log(f"potion: {run_dir} has no checkpoint yet; starting it from step 0")
-    if not quiet:
-        log(f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {n_train_tokens:,} training tokens, "
-            f"device {device.type}, {str(dtype).removeprefix('torch.')}, {threads} threads -> {run_dir}")
-    bar = tqdm(total=tc.max_steps, initial=state.step, disable=quiet, dynamic_ncols=True, file=sys.stderr,
-               unit="step")
-    progress = Progress(started=started, first_step=state.step, bar=bar,
-                        flops_per_token=model.training_flops_per_token(),
-                        peak_tflops=matmul_peak_tflops(device, dtype), last_plot=started)  # first plot: a curve
+    progress = start_progress(config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir)
     return Training(
-        config=config, run_dir=run_dir, device=device, dtype=dtype, model=model,
-        compiled=maybe_compile(model, tc.compile, device), optimizers=optimizers, tokenizer=tokenizer,
-        batches=batches, eval_sets=eval_sets, run_log=RunLog(run_dir / "log.jsonl", state.step if resume else None),
-        tally=StepTally(device, optimizers, state), state=state, progress=progress,
-        stop_request=StopRequest.install(), resumed_at=state.step if restored else None,
-        last_saved=restored[0] if restored else None, quiet=quiet,
+        config=config,
+        run_dir=run_dir,
+        device=device,
+        dtype=dtype,
+        model=model,
+        compiled=maybe_compile(model, tc.compile, device),
+        optimizers=optimizers,
+        tokenizer=tokenizer,
+        batches=batches,
+        eval_sets=eval_sets,
+        run_log=RunLog(run_dir / "log.jsonl", state.step if resume else None),
+        tally=StepTally(
+            device, optimizers, state.nonfinite_steps, state.log_window.nonfinite, state.log_window.loss_sum
+        ),
+        state=state,
+        progress=progress,
+        stop_request=StopRequest.install(),
+        resumed_at=state.step if restored else None,
+        last_saved=restored[0] if restored else None,
+        quiet=quiet,
     )
 
 
@@ -308,11 +273,16 @@ def read_tally(t: Training) -> None:
     in_a_row, t.state.log_window.nonfinite, t.state.nonfinite_steps = t.tally.read()
     t.progress.nonfinite_in_a_row = in_a_row
     if in_a_row and not streak_before:
-        log(f"potion: warning: step {t.state.step - in_a_row}: the loss or gradient norm is not finite; skipping "
-            "the optimizer step")
+        log(
+            f"potion: warning: step {t.state.step - in_a_row}: the loss or gradient norm is not finite; skipping "
+            "the optimizer step"
+        )
     if in_a_row >= t.config.train.max_nonfinite_steps:
-        kept = (f"the last checkpoint ({t.last_saved.name}) is untouched: resume from it" if t.last_saved
-                else "no checkpoint was written")
+        kept = (
+            f"the last checkpoint ({t.last_saved.name}) is untouched: resume from it"
+            if t.last_saved
+            else "no checkpoint was written"
+        )
         raise PotionError(
             f"stopped at step {t.state.step}: {in_a_row} steps in a row had a non-finite (NaN or inf) loss or "
             f"gradient norm, so none was applied; {kept}, or train again with a lower learning_rate"
@@ -333,45 +303,12 @@ def evaluate(t: Training) -> float:
     return val_loss
 
 
-def report_evaluation(t: Training, done: bool) -> None:
-    """The eval row of log.jsonl, loss.png now and then, the probe, and a line and a sample on the terminal."""
-    tc, state, progress = t.config.train, t.state, t.progress
-    train_loss, val_loss = progress.train_loss, progress.val_loss
-    t.run_log.write(kind="eval", step=state.step, tokens=state.tokens, train_loss=train_loss, val_loss=val_loss,
-                    best_val_loss=state.best_val_loss, nonfinite_steps=state.nonfinite_steps,
-                    elapsed=round(time.time() - progress.started, 3), train_seconds=round(progress.train_seconds, 3))
-    if done or time.time() - progress.last_plot >= PLOT_EVERY_SECONDS:
-        plot_losses(t.run_dir, t.run_log.rows())
-        progress.last_plot = time.time()
-    if tc.probe:  # attention and prediction for one prompt at every evaluation: watch them form
-        save_probe(t.model, t.tokenizer, tc.probe, t.run_dir, state.step)
-    if t.quiet:
-        return
-    train_part = f"train loss {train_loss:.4f}, " if train_loss is not None else ""
-    best = " (best)" if progress.best_step == state.step else ""
-    log(f"step {state.step}: {train_part}val loss {val_loss:.4f}{best}")
-    if tc.sample_tokens and state.step > 0:
-        sample = sample_text(t.model, t.tokenizer, tc.sample_tokens, tc.seed + state.step, t.device)
-        log("  | " + sample.replace("\n", "\n  | "))
-
-
-def sample_text(model: GPT, tokenizer: Tokenizer, n_tokens: int, seed: int, device: torch.device) -> str:
-    """A short sample from end-of-text, with its own generator so training randomness is untouched."""
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.tensor([[tokenizer.eot_id]], device=device)
-    steps = generate_tokens(model, idx, n_tokens, temperature=0.8, top_k=0, top_p=1.0, generator=generator,
-                            eot_id=tokenizer.eot_id)
-    ids = [int(token[0]) for token in steps]
-    model.train()
-    return tokenizer.decode(i for i in ids if i != tokenizer.eot_id)
-
-
 def save_checkpoint(t: Training, val_loss: float | None) -> None:
     t.state.log_window.loss_sum = float(t.tally.loss_sum)
     saved = {**asdict(t.state), "val_loss": val_loss, "batches": t.batches.state()}
-    t.last_saved = ckpt.save_checkpoint(t.run_dir, t.state.step, t.model, t.optimizers, saved,
-                                        t.config.train.keep_checkpoints)
+    t.last_saved = ckpt.save_checkpoint(
+        t.run_dir, t.state.step, t.model, t.optimizers, saved, t.config.train.keep_checkpoints
+    )
 
 
 def train_one_step(t: Training) -> None:
@@ -391,7 +328,7 @@ def train_one_step(t: Training) -> None:
     for opt in t.optimizers:
         opt.zero_grad(set_to_none=True)
     state.step += 1
-    state.tokens += tokens_per_step(tc, t.config.model.context_length)
+    state.tokens += t.config.tokens_per_step
     state.log_window.steps += 1
     if state.step % host_read_interval(t.device) == 0 or state.step % LOG_EVERY == 0:
         read_tally(t)
@@ -410,48 +347,10 @@ def grad_norm(model: torch.nn.Module, clip: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
 
 
-def tokens_per_step(tc: TrainConfig, context_length: int) -> int:
-    return tc.batch_size * tc.grad_accum * context_length
-
-
 def log_progress(t: Training) -> None:
-    """Advance the progress bar; every LOG_EVERY steps, a train row in log.jsonl and the bar's figures."""
-    progress, window = t.progress, t.state.log_window
-    progress.bar.update(1)
-    if t.state.step % LOG_EVERY:
-        return
-    finite = window.steps - window.nonfinite
-    batch_loss = float(t.tally.loss_sum) / finite if finite else None
-    now = time.time()
-    speed = window.steps * tokens_per_step(t.config.train, t.config.model.context_length) / max(
-        now - progress.window_started, 1e-9)
-    mfu = speed * progress.flops_per_token / 1e12 / progress.peak_tflops
-    t.run_log.write(kind="train", step=t.state.step, loss=batch_loss, lr=progress.learning_rate,
-                    nonfinite_steps=window.nonfinite, tokens_per_second=round(speed), mfu=round(mfu, 4))
-    postfix = {"loss": "nan" if batch_loss is None else f"{batch_loss:.3f}", "tok/s": f"{speed:,.0f}",
-               "MFU": f"{100 * mfu:.0f}%"}
-    if t.config.train.max_time > 0:
-        postfix["left"] = f"{max(t.config.train.max_time - (now - progress.started), 0):.0f}s"
-    progress.bar.set_postfix(postfix, refresh=False)
-    t.tally.new_window()
-    t.state.log_window = LogWindow()
-    progress.window_started = now
-
-
-def summary(t: Training) -> dict:
-    seconds = time.time() - t.progress.started
-    new_tokens = t.state.tokens - t.progress.first_step * tokens_per_step(t.config.train,
-                                                                          t.config.model.context_length)
-    return {
-        "steps": t.state.step,
-        "tokens": t.state.tokens,
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(new_tokens / seconds, 1) if seconds else 0.0,
-        "train_loss": t.progress.train_loss,
-        "val_loss": t.progress.val_loss,
-        "best_val_loss": t.state.best_val_loss,
-        "nonfinite_steps": t.state.nonfinite_steps,
-        "parameters": t.model.num_parameters(),
-        "interrupted": t.stop_request.is_set(),
-        "out": str(t.run_dir),
-    }
+    """Advance the progress bar; every LOG_EVERY steps, a train row in log.jsonl, and a new window begins."""
+    t.progress.bar.update(1)
+    if t.state.step % LOG_EVERY == 0:
+        t.progress.window_started = report_window(t)
+        t.tally.new_window()
+        t.state.log_window = LogWindow()

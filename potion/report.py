@@ -1,0 +1,177 @@
+"""What a training run shows and writes as it goes: the progress bar, the rows of log.jsonl, loss.png, the probe,
+a line and a sample at every evaluation, and the summary at the end. The loop's phases call these; nothing here
+changes what is learned.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from .config import RunConfig
+from .explain import save_probe
+from .generate import generate_tokens
+from .hardware import matmul_peak_tflops
+from .model import GPT
+from .run import plot_losses
+from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .train import Training
+
+PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
+
+
+def log(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+@dataclass
+class Progress:
+    """What the loop times and reports; not saved (a resumed run starts its clocks again)."""
+
+    started: float
+    first_step: int
+    bar: tqdm
+    flops_per_token: int
+    peak_tflops: float  # the matmul peak measured here: model FLOPs utilisation (MFU) is relative to it
+    train_seconds: float = 0.0  # time in training steps only, evaluation excluded
+    window_started: float = field(default_factory=time.time)
+    last_plot: float = 0.0
+    learning_rate: float = 0.0
+    nonfinite_in_a_row: int = 0  # as last read; while > 0 nothing is checkpointed
+    best_step: int | None = None  # the step whose evaluation set the best validation loss in this session
+    train_loss: float | None = math.nan  # of the last evaluation
+    val_loss: float = math.nan
+
+
+def start_progress(
+    config: RunConfig,
+    model: GPT,
+    device: torch.device,
+    dtype: torch.dtype,
+    first_step: int,
+    started: float,
+    quiet: bool,
+    train_tokens: int,
+    run_dir: Path,
+) -> Progress:
+    """Say what is about to train, and start the progress bar where the run stands."""
+    if not quiet:
+        log(
+            f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {train_tokens:,} training tokens, device "
+            f"{device.type}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads -> {run_dir}"
+        )
+    bar = tqdm(
+        total=config.train.max_steps,
+        initial=first_step,
+        disable=quiet,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        unit="step",
+    )
+    return Progress(
+        started=started,
+        first_step=first_step,
+        bar=bar,
+        flops_per_token=model.training_flops_per_token(),
+        peak_tflops=matmul_peak_tflops(device, dtype),
+        last_plot=started,
+    )  # the first plot: a curve
+
+
+def report_evaluation(t: Training, done: bool) -> None:
+    """The eval row of log.jsonl, loss.png now and then, the probe, and a line and a sample on the terminal."""
+    tc, state, progress = t.config.train, t.state, t.progress
+    train_loss, val_loss = progress.train_loss, progress.val_loss
+    t.run_log.write(
+        kind="eval",
+        step=state.step,
+        tokens=state.tokens,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        best_val_loss=state.best_val_loss,
+        nonfinite_steps=state.nonfinite_steps,
+        elapsed=round(time.time() - progress.started, 3),
+        train_seconds=round(progress.train_seconds, 3),
+    )
+    if done or time.time() - progress.last_plot >= PLOT_EVERY_SECONDS:
+        plot_losses(t.run_dir, t.run_log.rows())
+        progress.last_plot = time.time()
+    if tc.probe:  # attention and prediction for one prompt at every evaluation: watch them form
+        save_probe(t.model, t.tokenizer, tc.probe, t.run_dir, state.step)
+    if t.quiet:
+        return
+    train_part = f"train loss {train_loss:.4f}, " if train_loss is not None else ""
+    best = " (best)" if progress.best_step == state.step else ""
+    log(f"step {state.step}: {train_part}val loss {val_loss:.4f}{best}")
+    if tc.sample_tokens and state.step > 0:
+        sample = sample_text(t.model, t.tokenizer, tc.sample_tokens, tc.seed + state.step, t.device)
+        log("  | " + sample.replace("\n", "\n  | "))
+
+
+def sample_text(model: GPT, tokenizer: Tokenizer, n_tokens: int, seed: int, device: torch.device) -> str:
+    """A short sample from end-of-text, with its own generator so training randomness is untouched."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([[tokenizer.eot_id]], device=device)
+    steps = generate_tokens(
+        model, idx, n_tokens, temperature=0.8, top_k=0, top_p=1.0, generator=generator, eot_id=tokenizer.eot_id
+    )
+    ids = [int(token[0]) for token in steps]
+    model.train()
+    return tokenizer.decode(i for i in ids if i != tokenizer.eot_id)
+
+
+def report_window(t: Training) -> float:
+    """The train row of log.jsonl for the steps since the last one, and the progress bar's figures; returns the
+    time the window ends at."""
+    progress, window = t.progress, t.state.log_window
+    finite = window.steps - window.nonfinite
+    batch_loss = float(t.tally.loss_sum) / finite if finite else None
+    now = time.time()
+    speed = window.steps * t.config.tokens_per_step / max(now - progress.window_started, 1e-9)
+    mfu = speed * progress.flops_per_token / 1e12 / progress.peak_tflops
+    t.run_log.write(
+        kind="train",
+        step=t.state.step,
+        loss=batch_loss,
+        lr=progress.learning_rate,
+        nonfinite_steps=window.nonfinite,
+        tokens_per_second=round(speed),
+        mfu=round(mfu, 4),
+    )
+    postfix = {
+        "loss": "nan" if batch_loss is None else f"{batch_loss:.3f}",
+        "tok/s": f"{speed:,.0f}",
+        "MFU": f"{100 * mfu:.0f}%",
+    }
+    if t.config.train.max_time > 0:
+        postfix["left"] = f"{max(t.config.train.max_time - (now - progress.started), 0):.0f}s"
+    progress.bar.set_postfix(postfix, refresh=False)
+    return now
+
+
+def summary(t: Training) -> dict:
+    seconds = time.time() - t.progress.started
+    new_tokens = t.state.tokens - t.progress.first_step * t.config.tokens_per_step
+    return {
+        "steps": t.state.step,
+        "tokens": t.state.tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(new_tokens / seconds, 1) if seconds else 0.0,
+        "train_loss": t.progress.train_loss,
+        "val_loss": t.progress.val_loss,
+        "best_val_loss": t.state.best_val_loss,
+        "nonfinite_steps": t.state.nonfinite_steps,
+        "parameters": t.model.num_parameters(),
+        "interrupted": t.stop_request.is_set(),
+        "out": str(t.run_dir),
+    }
