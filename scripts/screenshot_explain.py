@@ -1,5 +1,7 @@
 """Screenshot a page written by `potion explain --html` in headless Chromium (for docs/explain-page.png).
 
+The page may also come from Python: `from potion.explain import explain, save_html`.
+
     python scripts/screenshot_explain.py out.html docs/explain-page.png [--click TOKEN_INDEX]
 
 Needs the playwright Python package and a Chromium (default /usr/bin/chromium). The page loads nothing from the

@@ -10,21 +10,29 @@ import pytest
 import torch
 
 import potion
-from potion.checkpoint import save_tensors, model_state, write_config
+from potion.checkpoint import model_state, save_tensors
 from potion.config import ModelConfig, RunConfig
 from potion.errors import PotionError
-from potion.explain import explain, save_probe
-from potion.explanation import Explanation, load_json, load_probes, visible
-from potion.explain_html import render_html
-from potion.explain_text import render_text
+from potion.explain import (
+    Explanation,
+    check_probe,
+    explain,
+    load_json,
+    load_probes,
+    render_html,
+    render_text,
+    save_probe,
+    visible,
+)
 from potion.model import GPT
+from potion.run import write_config
 from potion.tokenizer import CharTokenizer, save_tokenizer
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ROMEO:<>/\n"
 VARIANTS = {
     "gpt2": {},
-    "modern": dict(positions="rope", norm="rmsnorm", qk_norm=True, bias=False, logit_softcap=15.0,
-                   value_embeddings=True, tie_embeddings=False, mlp_activation="relu2"),
+    "modern": {"positions": "rope", "norm": "rmsnorm", "qk_norm": True, "bias": False, "logit_softcap": 15.0,
+               "value_embeddings": True, "tie_embeddings": False, "mlp_activation": "relu2"},
 }
 
 
@@ -130,7 +138,7 @@ def test_json_round_trip_and_api(tmp_path):
 
 
 def test_long_prompt_gets_a_focused_view(monkeypatch):
-    data = importlib.import_module("potion.explain")  # the module; potion.explain is the function
+    data = importlib.import_module("potion.explain.compute")
 
     monkeypatch.setattr(data, "MATRIX_BUDGET", 100)
     model, tok = tiny()
@@ -139,21 +147,31 @@ def test_long_prompt_gets_a_focused_view(monkeypatch):
     assert "only token" in render_html(e)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt=""), "is empty"),
-    (dict(prompt="x" * 40), "this model's context is 32"),
-    (dict(prompt="ROMEO:", token=6), "--token 6 is out of range"),
-    (dict(prompt="ROMEO:", token=-7), "--token -7 is out of range"),
-    (dict(prompt="ROMEO:", layer=2), "--layer 2 is out of range"),
-    (dict(prompt="ROMEO:", head=-1), "--head -1 is out of range"),
-    (dict(prompt="ROMEO:", top_k=0), "--top-k"),
-    (dict(prompt="ROMEO:", expect=""), "--expect text is empty"),
-    (dict(prompt="ROMEO: 7"), "'7' .* is not in this model's character vocabulary"),
+@pytest.mark.parametrize("kwargs, message, setting", [
+    ({"prompt": ""}, "is empty", None),
+    ({"prompt": "x" * 40}, "this model's context is 32", None),
+    ({"prompt": "ROMEO:", "token": 6}, "^token 6 is out of range", "token"),
+    ({"prompt": "ROMEO:", "token": -7}, "^token -7 is out of range", "token"),
+    ({"prompt": "ROMEO:", "layer": 2}, "^layer 2 is out of range", "layer"),
+    ({"prompt": "ROMEO:", "head": -1}, "^head -1 is out of range", "head"),
+    ({"prompt": "ROMEO:", "top_k": 0}, "^top_k must be at least 1", "top_k"),
+    ({"prompt": "ROMEO:", "expect": ""}, "the expect text is empty", "expect"),
+    ({"prompt": "ROMEO:", "expect": "7"}, "'7' .* in the expect text", "expect"),
+    ({"prompt": "ROMEO: 7"}, "'7' .* is not in this model's character vocabulary", None),
 ])
-def test_bad_input_is_a_clear_error(kwargs, message):
+def test_bad_input_is_a_clear_error(kwargs, message, setting):
+    """Library errors name the setting (the command line puts its flag in its place)."""
     model, tok = tiny()
-    with pytest.raises(PotionError, match=message):
+    with pytest.raises(PotionError, match=message) as raised:
         explain(model, tokenizer=tok, **kwargs)
+    assert raised.value.setting == setting
+
+
+def test_check_probe_names_the_probe_setting():
+    model, tok = tiny()
+    with pytest.raises(PotionError, match="the probe text has 40 tokens") as raised:
+        check_probe(tok, "x" * 40, model.config.context_length)
+    assert raised.value.setting == "probe"
 
 
 def test_text_renderer_plain_and_colour():
@@ -203,13 +221,13 @@ def test_probes_saved_and_loaded(tmp_path):
 
 def potion_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "potion", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def test_cli_writes_every_format(tmp_path):
     run = make_run(tmp_path)
     r = potion_cli("explain", "ROMEO: ab", "--model", run, "--expect", "c", "--html", tmp_path / "o.html",
-                   "--png", tmp_path / "o.png", "--json", tmp_path / "o.json", "--layer", "1", "--head", "0")
+                   "--png", tmp_path / "o.png", "--json-out", tmp_path / "o.json", "--layer", "1", "--head", "0")
     assert r.returncode == 0, r.stderr
     assert "Next token" in r.stdout and "\x1b[" not in r.stdout  # not a tty: plain
     assert (tmp_path / "o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -217,6 +235,15 @@ def test_cli_writes_every_format(tmp_path):
     assert e.layer == 1 and e.head == 0 and e.expected is not None
     html = (tmp_path / "o.html").read_text(encoding="utf-8")
     assert '"probes": [{"step": 0' in html
+
+
+def test_cli_json_prints_one_object(tmp_path):
+    run = make_run(tmp_path)
+    r = potion_cli("explain", "ROMEO: ab", "--model", run, "--json", "--json-out", tmp_path / "o.json")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1  # no text view, no "wrote" lines: stdout is the object alone
+    e = Explanation.from_dict(json.loads(r.stdout))
+    assert e == load_json(tmp_path / "o.json") and e.prompt == "ROMEO: ab"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,9 +9,9 @@ CHROMIUM = "/usr/bin/chromium"
 if shutil.which(CHROMIUM) is None:
     pytest.skip(f"no Chromium at {CHROMIUM} (on Debian/Ubuntu: apt-get install chromium)", allow_module_level=True)
 
-from potion.explain import explain  # noqa: E402
-from potion.explain_html import save_html  # noqa: E402
 from test_explain import tiny  # noqa: E402
+
+from potion.explain import explain, save_html  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 
@@ -70,7 +70,7 @@ def test_page_loads_offline_and_click_changes_attention(browser, tmp_path):
 def test_long_prompt_page_shows_the_focus_only(browser, tmp_path, monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("potion.explain"), "MATRIX_BUDGET", 50)
+    monkeypatch.setattr(importlib.import_module("potion.explain.compute"), "MATRIX_BUDGET", 50)
     model, tok = tiny()
     path = tmp_path / "long.html"
     save_html(explain(model, "ROMEO: abcdefghijklm", tok), path)

@@ -12,8 +12,8 @@ explain(model, tokenizer, prompt) runs the prompt once through the model's expli
   - checks that the numbers are the model's own (rows sum to 1, heads -> proj == attn_out, the logits equal
     the ones generation uses).
 
-Everything lands in one frozen, JSON-serialisable Explanation (potion/explanation.py, with its files); the
-renderers (explain_text, explain_html, explain_plot) only read it.
+Everything lands in one frozen, JSON-serialisable Explanation (schema.py, with its files); the renderers
+(text.py, html.py, plot.py) only read it.
 """
 
 from __future__ import annotations
@@ -24,11 +24,27 @@ from pathlib import Path
 
 import torch
 
-from .errors import PotionError
-from .explanation import (
-    FORMAT, visible, Token, Candidate, Expected, KeyWeight, WorkedExample, HeadAttention, AverageKey, HeadAverage,
-    LensLayer, OcclusionEffect, LogitPart, LogitAttribution, AttentionMatrices, Checks, ModelSummary, Explanation,
-    save_json, probe_path,
+from ..errors import PotionError
+from .attribution import LOGIT_ATTRIBUTION_NOTE, attribution, heads_to_attention_output_error
+from .schema import (
+    FORMAT,
+    AttentionMatrices,
+    AverageKey,
+    Candidate,
+    Checks,
+    Expected,
+    Explanation,
+    HeadAttention,
+    HeadAverage,
+    KeyWeight,
+    LensLayer,
+    ModelSummary,
+    OcclusionEffect,
+    Token,
+    WorkedExample,
+    probe_path,
+    save_json,
+    visible,
 )
 
 WORKED_ENTRIES = 4  # vector entries spelled out in the worked example; the rest are summed as "more terms"
@@ -39,10 +55,6 @@ EXP_LIMIT = 80.0  # the worked example shows plain exp(score) unless a scaled sc
 
 ATTENTION_CAVEAT = ("Attention weights show where each token read from, not by themselves why the model predicts "
                     "what it does: values, MLPs and later layers transform what is read.")
-LOGIT_ATTRIBUTION_NOTE = ("Direct logit attribution freezes the final norm's scale at its value in this forward pass, "
-                          "so the logit becomes a sum of parts; each part is only the direct effect of what that "
-                          "head, MLP or embedding wrote into the residual stream (what later layers make of it is "
-                          "counted in those layers).")
 OCCLUSION_NOTE = ("Occlusion deletes one earlier token and runs the prompt again; the tokens after it move one "
                   "position earlier, so a change can also come from the shifted positions.")
 
@@ -79,7 +91,7 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def generate_logits(model, ids: list[int]) -> torch.Tensor:
     """The logits after ids exactly as generation computes them: prefill on a fresh KV cache."""
-    from .generate import prefill
+    from ..generate import prefill
 
     idx = torch.tensor([ids], dtype=torch.long, device=_device(model))
     return prefill(model, idx, model.new_cache(1))[0].float()
@@ -88,18 +100,38 @@ def generate_logits(model, ids: list[int]) -> torch.Tensor:
 # ---------------------------------------------------------------- building the explanation
 
 
-def encode(tokenizer, prompt: str, context_length: int, source: str = "the prompt") -> list[int]:
+def encode(tokenizer, prompt: str, context_length: int, source: str = "the prompt",
+           setting: str | None = None) -> list[int]:
+    """The prompt's token ids; `setting` names the option the text came from (None: the prompt itself)."""
     if not prompt:
-        raise PotionError(f"{source} is empty; give some text to explain, e.g. potion explain \"ROMEO:\"")
-    ids = tokenizer.encode(prompt, source=source)
+        raise PotionError(f"{source} is empty; give some text to explain, e.g. potion explain \"ROMEO:\"",
+                          setting=setting)
+    try:
+        ids = tokenizer.encode(prompt, source=source)
+    except PotionError as e:  # the tokenizer does not know which setting the text came from
+        raise PotionError(str(e), setting=e.setting or setting) from None
     if len(ids) > context_length:
-        raise PotionError(f"{source} has {len(ids)} tokens; this model's context is {context_length}: shorten it")
+        raise PotionError(f"{source} has {len(ids)} tokens; this model's context is {context_length}: shorten it",
+                          setting=setting)
     return ids
 
 
 def check_probe(tokenizer, prompt: str, context_length: int) -> None:
-    """Fail before training starts if the --probe text cannot be explained by this model."""
-    encode(tokenizer, prompt, context_length, source="the --probe text")
+    """Fail before training starts if the probe text cannot be explained by this model."""
+    encode(tokenizer, prompt, context_length, source="the probe text", setting="probe")
+
+
+def _check_choices(config, T: int, token: int, layer: int | None, head: int | None, top_k: int) -> None:
+    if not -T <= token < T:
+        raise PotionError(f"token {token} is out of range: the prompt has {T} tokens (0 to {T - 1}, or -1 for the "
+                          "last)", setting="token")
+    for name, value, count, plural in (("layer", layer, config.n_layer, "layers"),
+                                       ("head", head, config.n_head, "heads per layer")):
+        if value is not None and not 0 <= value < count:
+            raise PotionError(f"{name} {value} is out of range: this model has {count} {plural} (0 to {count - 1})",
+                              setting=name)
+    if top_k < 1:
+        raise PotionError(f"top_k must be at least 1, got {top_k}", setting="top_k")
 
 
 def explain(model, prompt: str, tokenizer=None, token: int = -1, layer: int | None = None, head: int | None = None,
@@ -111,16 +143,8 @@ def explain(model, prompt: str, tokenizer=None, token: int = -1, layer: int | No
     model, tokenizer = _model_and_tokenizer(model, tokenizer)
     config = model.config
     ids = encode(tokenizer, prompt, config.context_length)
-    T = len(ids)
-    if not -T <= token < T:
-        raise PotionError(f"--token {token} is out of range: the prompt has {T} tokens (0 to {T - 1}, or -1 for the last)")
-    focus = token % T
-    for name, value, count in (("--layer", layer, config.n_layer), ("--head", head, config.n_head)):
-        if value is not None and not 0 <= value < count:
-            plural = "layers" if name == "--layer" else "heads per layer"
-            raise PotionError(f"{name} {value} is out of range: this model has {count} {plural} (0 to {count - 1})")
-    if top_k < 1:
-        raise PotionError(f"--top-k must be at least 1, got {top_k}")
+    _check_choices(config, len(ids), token, layer, head, top_k)
+    focus = token % len(ids)
 
     was_training = model.training
     model.eval()  # no dropout: the explanation must be the model's deterministic computation
@@ -132,11 +156,15 @@ def explain(model, prompt: str, tokenizer=None, token: int = -1, layer: int | No
 
 def _model_and_tokenizer(model, tokenizer):
     if isinstance(model, (str, Path)):
-        from .checkpoint import load
+        from .. import load  # the public potion.load, whichever module resolves runs
 
-        model, tokenizer = load(model)
-    elif isinstance(model, tuple) and len(model) == 2:
-        model, tokenizer = model
+        model = load(model)
+    if not isinstance(model, torch.nn.Module):  # what potion.load returns unpacks as (model, tokenizer)
+        try:
+            model, tokenizer = model
+        except (TypeError, ValueError):
+            raise PotionError(f"explain needs a GPT, what potion.load returns, or a run directory; got "
+                              f"{type(model).__name__}") from None
     if tokenizer is None:
         raise PotionError("explain needs the model's tokenizer: potion.explain(model, prompt, tokenizer), "
                           "or pass what potion.load returns, or a run directory")
@@ -162,25 +190,25 @@ def _explain(model, tokenizer, prompt, ids, focus, layer, head, top_k, expect, s
     prediction = top_candidates(logits, top_k)
     expected = None
     if expect is not None:
-        expected_ids = encode(tokenizer, expect, 10**9, source="the --expect text")
+        expected_ids = encode(tokenizer, expect, 10**9, source="the expect text", setting="expect")
         c = candidate(expected_ids[0], logits)
         expected = Expected(expect, c, len(expected_ids), c.rank <= top_k)
     target = expected.candidate if expected else prediction[0]
     target_reason = "the expected token (--expect)" if expected else "the top prediction"
 
-    heads = tuple(_head_attention(config, forward.trace[l], l, h, focus, tokens, top_k)
-                  for l in range(config.n_layer) for h in range(config.n_head))
+    heads = tuple(_head_attention(config, forward.trace[i], i, h, focus, tokens, top_k)
+                  for i in range(config.n_layer) for h in range(config.n_head))
     if layer is None:
         layer = config.n_layer - 1
     if head is None:  # the head that is most sure where to look: usually the easiest one to read first
         head = max(range(config.n_head), key=lambda h: heads[layer * config.n_head + h].keys[0].weight)
-    averages = tuple(_head_average(forward.trace[l], l, focus, tokens, top_k) for l in range(config.n_layer))
+    averages = tuple(_head_average(forward.trace[i], i, focus, tokens, top_k) for i in range(config.n_layer))
     lens = _logit_lens(model, forward, focus, target.id, top_candidates, top_k)
     matrices, matrices_note = _matrices(model, forward, tokens, focus, top_candidates)
-    attribution, parts_error = _attribution(model, forward, focus, target)
+    logit_parts, parts_error = attribution(model, forward, focus, target)
     checks = Checks(
         row_sum=max(float((r["weights"].sum(-1) - 1).abs().max()) for r in forward.trace),
-        heads_to_attention_output=_heads_to_attention_output_error(model, forward.trace),
+        heads_to_attention_output=heads_to_attention_output_error(model, forward.trace),
         parts_to_residual=parts_error,
         logits_vs_generate=float((generate_logits(model, ids[: focus + 1]) - logits).abs().max()),
         lens_last_vs_logits=float((_lens_logits(model, forward, config.n_layer - 1)[focus] - logits).abs().max()),
@@ -194,7 +222,7 @@ def _explain(model, tokenizer, prompt, ids, focus, layer, head, top_k, expect, s
         masked=tuple(range(focus + 1, len(ids))), heads=heads, head_averages=averages,
         lens=lens, target_enters_top_k=_enters_top_k(lens, top_k),
         occlusion=_occlusion(model, ids, focus, target.id, tokens),
-        attribution=attribution, matrices=matrices, matrices_note=matrices_note, checks=checks,
+        attribution=logit_parts, matrices=matrices, matrices_note=matrices_note, checks=checks,
         notes=(ATTENTION_CAVEAT, OCCLUSION_NOTE, LOGIT_ATTRIBUTION_NOTE), step=step,
     )
 
@@ -299,69 +327,8 @@ def _occlusion(model, ids: list[int], focus: int, target_id: int, tokens) -> tup
     return tuple(OcclusionEffect(j, tokens[j].label, p, p - float(base)) for j, p in enumerate(probs))
 
 
-def _head_outputs(attention, context: torch.Tensor) -> torch.Tensor:
-    """context (H, T, D) -> (H, T, C): what each head writes, through its own columns of the output projection."""
-    H, T, D = context.shape
-    w = attention.proj.weight.double().view(-1, H, D)  # (C, H, D): proj input columns grouped by head
-    return torch.einsum("htd,chd->htc", context.double(), w)
-
-
-def _heads_to_attention_output_error(model, trace: list[dict]) -> float:
-    worst = 0.0
-    for block, record in zip(model.blocks, trace):
-        total = _head_outputs(block.attn, record["context"][0]).sum(0)
-        if block.attn.proj.bias is not None:
-            total = total + block.attn.proj.bias.double()
-        worst = max(worst, float((total - record["attn_out"][0].double()).abs().max()))
-    return worst
-
-
-def _attribution(model, forward: TracedForward, focus: int, target: Candidate) -> tuple[LogitAttribution, float]:
-    """The target's logit as a sum of parts, with the final norm's scale frozen from the real forward pass."""
-    config = model.config
-    token_id = forward.ids[focus]
-    vectors: list[tuple[str, str, int, int, torch.Tensor]] = []
-    token_vector = model.token_embedding.weight[token_id].double()
-    vectors.append(("token embedding", "token_embedding", -1, -1, token_vector))
-    if config.positions == "learned":
-        vectors.append(("position embedding", "position_embedding", -1, -1,
-                        model.position_embedding.weight[focus].double()))
-    for layer, (block, record) in enumerate(zip(model.blocks, forward.trace)):
-        per_head = _head_outputs(block.attn, record["context"][0])[:, focus]  # (H, C)
-        for h in range(config.n_head):
-            vectors.append((f"layer {layer} head {h}", "head", layer, h, per_head[h]))
-        if block.attn.proj.bias is not None:
-            vectors.append((f"layer {layer} attention bias", "attention_bias", layer, -1, block.attn.proj.bias.double()))
-        vectors.append((f"layer {layer} MLP", "mlp", layer, -1, record["mlp_out"][0, focus].double()))
-
-    residual = forward.final_residual[focus].double()
-    parts_error = float((sum(v for *_, v in vectors) - residual).abs().max())
-    norm = model.final_norm
-    if isinstance(norm, torch.nn.LayerNorm):
-        centre = True
-        scale = 1.0 / math.sqrt(float(residual.var(unbiased=False)) + norm.eps)
-    else:  # RMSNorm: no centring, no bias
-        centre = False
-        scale = 1.0 / math.sqrt(float(residual.square().mean()) + norm.eps)
-    gain = norm.weight.double() if norm.weight is not None else torch.ones_like(residual)
-    direction = model.head.weight[target.id].double()  # the unembedding row of the target token
-
-    def through_norm(v: torch.Tensor) -> float:  # LayerNorm's centring is linear, so each part is centred alone
-        v = v - v.mean() if centre else v
-        return float(direction @ (gain * v * scale))
-
-    parts = [LogitPart(name, kind, layer, head, through_norm(v)) for name, kind, layer, head, v in vectors]
-    bias = getattr(norm, "bias", None)
-    if bias is not None:
-        parts.append(LogitPart("final norm bias", "norm_bias", -1, -1, float(direction @ bias.double())))
-    logit = float(forward.raw_logits[focus, target.id])
-    total = sum(p.contribution for p in parts)
-    attribution = LogitAttribution(target, logit, tuple(parts), total, logit - total, config.logit_softcap,
-                                   LOGIT_ATTRIBUTION_NOTE)
-    return attribution, parts_error
-
-
-def _matrices(model, forward: TracedForward, tokens, focus: int, top_candidates) -> tuple[AttentionMatrices | None, str]:
+def _matrices(model, forward: TracedForward, tokens, focus: int,
+              top_candidates) -> tuple[AttentionMatrices | None, str]:
     config = model.config
     T = len(tokens)
     per_token_pair = 2 * config.n_layer * config.n_head  # a weight and a score per layer and head
@@ -388,7 +355,7 @@ def _matrices(model, forward: TracedForward, tokens, focus: int, top_candidates)
 
 
 def save_probe(model, tokenizer, prompt: str, run_dir: Path, step: int) -> Path:
-    """The explain data for the --probe prompt at this training step (run_dir/probes/step-N.json)."""
+    """The explain data for the probe prompt at this training step (run_dir/probes/step-N.json)."""
     path = probe_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_json(explain(model, prompt, tokenizer, step=step), path)

@@ -1,6 +1,6 @@
 """The HTML view of an Explanation: one self-contained page that works offline.
 
-The page is potion/explain_page.html with the data inlined as JSON; its script and style are inline too, and it
+The page is potion/explain/page.html with the data inlined as JSON; its script and style are inline too, and it
 loads nothing (no fonts, no scripts, no images from anywhere), so it can be mailed or opened from a USB stick.
 Probes saved during training (potion train --probe) become a step slider.
 """
@@ -12,7 +12,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from .explanation import Explanation
+from ..fileio import atomic_write_text
+from .schema import Explanation
 
 MAX_PROBES = 120  # steps kept for the slider; more are thinned evenly (the first and last are always kept)
 
@@ -38,7 +39,7 @@ def thin(items: list, limit: int) -> list:
 
 
 def render_html(e: Explanation, probes: list[Explanation] = ()) -> str:
-    page = resources.files("potion").joinpath("explain_page.html").read_text(encoding="utf-8")
+    page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
     steps = [probe_summary(p) for p in thin(list(probes), MAX_PROBES)]
     data = json.dumps({"explanation": e.to_dict(), "probes": steps}, ensure_ascii=False, allow_nan=False)
     data = data.replace("<", "\\u003c").replace(">", "\\u003e")  # nothing in the data can close the script tag
@@ -48,6 +49,4 @@ def render_html(e: Explanation, probes: list[Explanation] = ()) -> str:
 
 
 def save_html(e: Explanation, path: str | Path, probes: list[Explanation] = ()) -> None:
-    from .checkpoint import atomic_write_text
-
     atomic_write_text(Path(path), render_html(e, probes))

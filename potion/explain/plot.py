@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .explanation import Explanation
+from ..fileio import atomic_write
+from .schema import Explanation
 
 MAX_COLUMNS = 64  # tokens drawn with their labels; longer prompts show the window that ends at the focus
 
@@ -19,8 +20,6 @@ def save_png(e: Explanation, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from .checkpoint import atomic_write
 
     T = len(e.tokens)
     first = max(0, e.focus + 1 - MAX_COLUMNS)

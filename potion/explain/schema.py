@@ -1,8 +1,8 @@
 """What `potion explain` produces: one frozen, JSON-serialisable Explanation, and its files.
 
-potion/explain.py computes it from a model; the renderers (explain_text, explain_html, explain_plot) only read
-it; `potion train --probe` saves one per evaluation (RUN/probes/step-N.json). Numbering is 0-based throughout,
-like the code: token 0, layer 0, head 0.
+compute.py makes it from a model; the renderers (text.py, html.py, plot.py) only read it; training with a
+probe prompt (`potion train --probe`) saves one per evaluation (RUN/probes/step-N.json). Numbering is 0-based
+throughout, like the code: token 0, layer 0, head 0.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PotionError
+from ..errors import PotionError
+from ..fileio import atomic_write_text
 
 FORMAT = "potion-explain/1"
 VISIBLE = {" ": "·", "\n": "↵", "\t": "⇥", "\r": "␍"}
@@ -235,7 +236,7 @@ class Explanation:
         return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, indent=indent)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "explanation") -> "Explanation":
+    def from_dict(cls, d: dict, source: str = "explanation") -> Explanation:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise PotionError(f"{source} is not potion explain data (expected format {FORMAT!r})")
         try:
@@ -271,8 +272,6 @@ def load_json(path: str | Path) -> Explanation:
 
 
 def save_json(explanation: Explanation, path: str | Path) -> None:
-    from .checkpoint import atomic_write_text
-
     atomic_write_text(Path(path), explanation.to_json(indent=1) + "\n")
 
 

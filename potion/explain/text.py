@@ -12,7 +12,7 @@ import shutil
 import textwrap
 import unicodedata
 
-from .explanation import Explanation, HeadAttention
+from .schema import Explanation, HeadAttention
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SHADES = " ░▒▓█"  # plain heat: < 5 %, < 25 %, < 50 %, < 75 %, the rest
@@ -166,7 +166,8 @@ def heatmap(e: Explanation, style: Style, width: int) -> str:
     key = "digit = tenths of the weight" if style.color else f"shades {SHADES[1:]} = 5 %, 25 %, 50 %, 75 % and more"
     hidden = f"; tokens {first}..{last} of {len(columns)} fit the width" if first > 0 or last + 1 < len(columns) else ""
     masked = f"; × = masked: the {len(e.masked)} later tokens (a token never sees the future)" if e.masked else ""
-    lines.append(style.dim(f"{key}{hidden}{masked}; 'avg' rows are the mean of a layer's heads (a summary, not a model step)"))
+    average = "'avg' rows are the mean of a layer's heads (a summary, not a model step)"
+    lines.append(style.dim(f"{key}{hidden}{masked}; {average}"))
     return "\n".join(lines)
 
 
@@ -204,8 +205,8 @@ def worked_example(e: Explanation, style: Style) -> str:
              f"  k = {vector(w.key_entries)}",
              f"  q·k = {terms}{rest} = {w.dot_product:.4f}",
              f"  scaled = {w.dot_product:.4f} / √{w.head_dim} = {w.scaled_score:.4f}",
-             f"  {exp_of} = {w.exp_score:.4f}; the same summed over the {w.query_index + 1} visible keys = "
-             f"{w.exp_sum:.4f}",
+             (f"  {exp_of} = {w.exp_score:.4f}; the same summed over the {w.query_index + 1} visible keys = "
+              f"{w.exp_sum:.4f}"),
              f"  weight = {w.exp_score:.4f} / {w.exp_sum:.4f} = {w.weight:.4f}"]
     if w.note:
         lines.append(style.dim(f"  ({w.note})"))
@@ -217,7 +218,7 @@ def logit_lens(e: Explanation, style: Style, width: int) -> str:
     lines = [style.bold("Prediction after each layer") + " (logit lens: the final norm and output layer applied to "
              f"the residual stream there); target {target} = {e.target_reason}"]
     for row in e.lens:
-        mark = "  ← enters the top-{} here".format(e.top_k) if row.name == e.target_enters_top_k else ""
+        mark = f"  ← enters the top-{e.top_k} here" if row.name == e.target_enters_top_k else ""
         head = f"  {row.name:<11} target rank {row.target_rank:>5} p {row.target_probability:6.3f} | "
         room = width - display_width(head) - display_width(mark)
         guesses = ""
@@ -239,7 +240,8 @@ def what_mattered(e: Explanation, style: Style) -> str:
     if e.occlusion:
         lines.append("  removing one earlier token (occlusion): change in its probability")
         for o in sorted(e.occlusion, key=lambda o: -abs(o.change))[:LIST_LIMIT]:
-            lines.append(f"    {clip(f'{o.index} {quoted(o.label)}', 18):<19}{o.change:+8.4f}  → {o.probability_without:.4f}")
+            token = clip(f"{o.index} {quoted(o.label)}", 18)
+            lines.append(f"    {token:<19}{o.change:+8.4f}  → {o.probability_without:.4f}")
     else:
         lines.append("  (no earlier tokens to remove)")
     lines.append(f"  direct logit attribution: logit {a.logit:.4f} as a sum of parts, largest first")
@@ -251,7 +253,8 @@ def what_mattered(e: Explanation, style: Style) -> str:
         lines.append(f"    {f'the other {len(rest)} parts':<26}{sum(p.contribution for p in rest):+9.4f}")
     lines.append(f"    {'sum of the parts':<26}{a.parts_sum:+9.4f}   (logit − sum = {a.difference:.1e})")
     if a.softcap:
-        lines.append(f"    the model's softcap then gives {a.softcap} × tanh(logit / {a.softcap}) = {a.target.logit:.4f}")
+        lines.append(f"    the model's softcap then gives {a.softcap} × tanh(logit / {a.softcap}) = "
+                     f"{a.target.logit:.4f}")
     lines.append(style.dim("  " + a.note))
     return "\n".join(lines)
 
