@@ -31,9 +31,20 @@ from potion.config import resolve  # noqa: E402
 from potion.hardware import pick_dtype  # noqa: E402
 from potion.train import train  # noqa: E402
 
-BASELINE = ["positions=learned", "norm=layernorm", "mlp_activation=gelu", "bias=true", "qk_norm=false",
-            "tie_embeddings=true", "zero_init_proj=false", "zero_init_head=false", "logit_softcap=0",
-            "value_embeddings=false", "optimizer=adamw", "schedule=cosine"]
+BASELINE = [
+    "positions=learned",
+    "norm=layernorm",
+    "mlp_activation=gelu",
+    "bias=true",
+    "qk_norm=false",
+    "tie_embeddings=true",
+    "zero_init_proj=false",
+    "zero_init_head=false",
+    "logit_softcap=0",
+    "value_embeddings=false",
+    "optimizer=adamw",
+    "schedule=cosine",
+]
 CHANGES = {
     "baseline (GPT-2 recipe, AdamW)": [],
     "rope": ["positions=rope"],
@@ -47,20 +58,38 @@ CHANGES = {
     "muon": ["optimizer=muon"],
     "wsd schedule": ["schedule=wsd"],
 }
-COMBINATION = ["positions=rope", "norm=rmsnorm", "mlp_activation=relu2", "bias=false", "qk_norm=true",
-               "optimizer=muon"]
+COMBINATION = ["positions=rope", "norm=rmsnorm", "mlp_activation=relu2", "bias=false", "qk_norm=true", "optimizer=muon"]
 
 
 def run(name: str, changes: list[str], steps: int, common: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        config = resolve("tiny", None, [f"data={DEFAULT_DATA}", f"max_steps={steps}", f"eval_every={steps}",
-                                        "max_time=0", "sample_tokens=0", "stop_at_loss=0", *common,
-                                        *BASELINE, *changes])
+        config = resolve(
+            "tiny",
+            None,
+            [
+                f"data={DEFAULT_DATA}",
+                f"max_steps={steps}",
+                f"eval_every={steps}",
+                "max_time=0",
+                "sample_tokens=0",
+                "stop_at_loss=0",
+                *common,
+                *BASELINE,
+                *changes,
+            ],
+        )
         started = time.time()
         summary = train(config, out=Path(tmp) / "run", quiet=True)
-    return {"benchmark": "ablation", "change": name, "fields": changes, "steps": summary["steps"],
-            "tokens": summary["tokens"], "val_loss": round(summary["val_loss"], 4),
-            "train_loss": round(summary["train_loss"], 4), "seconds": round(time.time() - started, 1)}
+    return {
+        "benchmark": "ablation",
+        "change": name,
+        "fields": changes,
+        "steps": summary["steps"],
+        "tokens": summary["tokens"],
+        "val_loss": round(summary["val_loss"], 4),
+        "train_loss": round(summary["train_loss"], 4),
+        "seconds": round(time.time() - started, 1),
+    }
 
 
 def main(argv=None) -> None:
@@ -74,8 +103,14 @@ def main(argv=None) -> None:
     rows = {**CHANGES, "chosen combination": COMBINATION, "chosen combination + wsd": [*COMBINATION, "schedule=wsd"]}
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # potion.hardware.set_threads gives each run this many
     torch.set_num_threads(args.threads)  # so that the machine description says so too
-    emit({**result("ablation", "cpu", pick_dtype("auto", torch.device("cpu")), args.threads), "steps": args.steps,
-          "common": common, "baseline": BASELINE})
+    emit(
+        {
+            **result("ablation", "cpu", pick_dtype("auto", torch.device("cpu")), args.threads),
+            "steps": args.steps,
+            "common": common,
+            "baseline": BASELINE,
+        }
+    )
     for name, changes in rows.items():
         if args.only and name not in args.only:
             continue

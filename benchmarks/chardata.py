@@ -32,12 +32,11 @@ def load_chars(path: Path = DEFAULT_DATA):
 def sample_batch(ids: np.ndarray, batch: int, context: int, gen: torch.Generator, device="cpu"):
     """``batch`` windows at random offsets: inputs and the same windows shifted one character on."""
     starts = torch.randint(len(ids) - context, (batch,), generator=gen).tolist()
-    windows = torch.from_numpy(np.stack([ids[s:s + context + 1] for s in starts]).astype(np.int64))
+    windows = torch.from_numpy(np.stack([ids[s : s + context + 1] for s in starts]).astype(np.int64))
     return windows[:, :-1].to(device), windows[:, 1:].to(device)
 
 
-def fixed_val_batches(val_ids: np.ndarray, n_batches: int, batch: int, context: int, seed: int,
-                      device="cpu"):
+def fixed_val_batches(val_ids: np.ndarray, n_batches: int, batch: int, context: int, seed: int, device="cpu"):
     """The same ``n_batches`` random validation batches for a given seed, every call, every program."""
     gen = torch.Generator().manual_seed(seed + 1)  # not the training stream's seed
     return [sample_batch(val_ids, batch, context, gen, device) for _ in range(n_batches)]
@@ -49,7 +48,7 @@ def val_windows(val_ids: np.ndarray, context: int, batch: int = 64, device="cpu"
     Yields (inputs, targets); the last batch may be short, so weight losses by batch length.
     """
     n = (len(val_ids) - 1) // context
-    x = torch.from_numpy(val_ids[:n * context].astype(np.int64)).view(n, context)
-    y = torch.from_numpy(val_ids[1:n * context + 1].astype(np.int64)).view(n, context)
+    x = torch.from_numpy(val_ids[: n * context].astype(np.int64)).view(n, context)
+    y = torch.from_numpy(val_ids[1 : n * context + 1].astype(np.int64)).view(n, context)
     for i in range(0, n, batch):
-        yield x[i:i + batch].to(device), y[i:i + batch].to(device)
+        yield x[i : i + batch].to(device), y[i : i + batch].to(device)

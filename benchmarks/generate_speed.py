@@ -72,8 +72,14 @@ def main(argv=None) -> None:
     device = pick_device(args.device)
     threads = set_threads() if device.type == "cpu" else torch.get_num_threads()
     shape = load_preset(args.preset).model
-    config = type(shape)(**{**shape.__dict__, "vocab_size": args.vocab_size, "dropout": 0.0,
-                            "context_length": max(shape.context_length, args.context)})
+    config = type(shape)(
+        **{
+            **shape.__dict__,
+            "vocab_size": args.vocab_size,
+            "dropout": 0.0,
+            "context_length": max(shape.context_length, args.context),
+        }
+    )
     model = GPT(config).to(device).eval()
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(args.vocab_size, (1, args.context - args.decode), generator=gen).to(device)
@@ -100,22 +106,30 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         decode_seconds(model, prompt, args.decode, True, compiled)  # compiles (a second time once lengths vary)
         compile_s = time.perf_counter() - started - args.decode * cached
-        per_token = statistics.median(decode_seconds(model, prompt, args.decode, True, compiled)
-                                      for _ in range(args.reps))
-        compiled_figures = {"decode_tokens_per_second_cached_compiled_fp32": round(1 / per_token, 1),
-                            "compile_seconds": round(compile_s, 1)}
-    emit({
-        **result("generate_speed", device, torch.float32, threads), "preset": args.preset,
-        "parameters": model.num_parameters(), "batch": 1, "context": args.context,
-        "prefill_tokens_per_second": round(args.context / prefill_s, 1),
-        "decode_tokens_per_second_cached_fp32": round(1 / cached, 1),
-        "decode_tokens_per_second_cached_bf16": round(1 / cached_bf16, 1),
-        "decode_tokens_per_second_uncached_fp32": round(1 / uncached, 1),
-        "cache_speedup_fp32": round(uncached / cached, 2),
-        "cache_speedup_bf16_decode": round(uncached / cached_bf16, 2),
-        **compiled_figures,
-        "generate_auto_decode_dtype": dtype_name(decoding_dtype(model, "auto")),
-    })
+        per_token = statistics.median(
+            decode_seconds(model, prompt, args.decode, True, compiled) for _ in range(args.reps)
+        )
+        compiled_figures = {
+            "decode_tokens_per_second_cached_compiled_fp32": round(1 / per_token, 1),
+            "compile_seconds": round(compile_s, 1),
+        }
+    emit(
+        {
+            **result("generate_speed", device, torch.float32, threads),
+            "preset": args.preset,
+            "parameters": model.num_parameters(),
+            "batch": 1,
+            "context": args.context,
+            "prefill_tokens_per_second": round(args.context / prefill_s, 1),
+            "decode_tokens_per_second_cached_fp32": round(1 / cached, 1),
+            "decode_tokens_per_second_cached_bf16": round(1 / cached_bf16, 1),
+            "decode_tokens_per_second_uncached_fp32": round(1 / uncached, 1),
+            "cache_speedup_fp32": round(uncached / cached, 2),
+            "cache_speedup_bf16_decode": round(uncached / cached_bf16, 2),
+            **compiled_figures,
+            "generate_auto_decode_dtype": dtype_name(decoding_dtype(model, "auto")),
+        }
+    )
 
 
 if __name__ == "__main__":

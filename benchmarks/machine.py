@@ -16,8 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -74,8 +74,7 @@ def time_once(fn: Callable[[], object], device: str | torch.device = "cpu") -> f
     return time.perf_counter() - t0
 
 
-def median_of(fn: Callable[[], object], reps: int, device: str | torch.device = "cpu",
-              warmup: int = 1) -> float:
+def median_of(fn: Callable[[], object], reps: int, device: str | torch.device = "cpu", warmup: int = 1) -> float:
     """Median seconds per call of ``fn`` over ``reps`` timed calls after ``warmup`` untimed ones.
 
     The median, not the mean, so that one slow call (a page fault, another process) does not
@@ -92,8 +91,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def result(benchmark: str, device: str | torch.device, dtype: torch.dtype, threads: int | None = None) -> dict:
     """The fields every result line starts with, so that lines from different machines can be told apart."""
-    return {"benchmark": benchmark, "machine": machine_info(device), "dtype": dtype_name(dtype),
-            "threads": torch.get_num_threads() if threads is None else threads}
+    return {
+        "benchmark": benchmark,
+        "machine": machine_info(device),
+        "dtype": dtype_name(dtype),
+        "threads": torch.get_num_threads() if threads is None else threads,
+    }
 
 
 def emit(record: dict) -> None:
@@ -123,5 +126,4 @@ if __name__ == "__main__":
     info = machine_info(dev)
     fp32 = matmul_peak_tflops(dev, torch.float32)
     bf16 = matmul_peak_tflops(dev, torch.bfloat16)
-    emit({"benchmark": "machine", **info, "matmul_tflops_fp32": round(fp32, 4),
-          "matmul_tflops_bf16": round(bf16, 4)})
+    emit({"benchmark": "machine", **info, "matmul_tflops_fp32": round(fp32, 4), "matmul_tflops_bf16": round(bf16, 4)})

@@ -64,11 +64,25 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("POTION_CACHE", tempfile.mkdtemp(prefix="potion-memory-cache-"))
-    config = resolve("tiny", None, [
-        f"data={args.data}", "n_layer=2", "n_head=2", "n_embd=32", "context_length=32", "batch_size=8",
-        f"max_steps={args.steps}", "max_time=0", f"eval_every={args.eval_every}", "eval_batches=2",
-        "sample_tokens=0", "warmup_steps=20", f"device={args.device}",
-    ])
+    config = resolve(
+        "tiny",
+        None,
+        [
+            f"data={args.data}",
+            "n_layer=2",
+            "n_head=2",
+            "n_embd=32",
+            "context_length=32",
+            "batch_size=8",
+            f"max_steps={args.steps}",
+            "max_time=0",
+            f"eval_every={args.eval_every}",
+            "eval_batches=2",
+            "sample_tokens=0",
+            "warmup_steps=20",
+            f"device={args.device}",
+        ],
+    )
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="potion-memory-") as tmp:
         prepare(config.data, quiet=True)  # tokenize (and cache) before the measurement starts
@@ -80,16 +94,18 @@ def main() -> None:
         ended = time.time()
         sampler.stop.set()
         rss_end = rss_mb()
-    emit({
-        **result("memory", device, pick_dtype(config.train.dtype, device)),
-        "steps": summary["steps"],
-        "parameters": summary["parameters"],
-        "seconds": round(ended - started, 1),
-        "rss_start_mb": round(rss_start, 1),
-        "rss_warm_mb": round(sampler.at_fraction(started, ended, 0.1), 1),
-        "rss_end_mb": round(rss_end, 1),
-        "rss_peak_mb": round(rss_mb("VmHWM"), 1),
-    })
+    emit(
+        {
+            **result("memory", device, pick_dtype(config.train.dtype, device)),
+            "steps": summary["steps"],
+            "parameters": summary["parameters"],
+            "seconds": round(ended - started, 1),
+            "rss_start_mb": round(rss_start, 1),
+            "rss_warm_mb": round(sampler.at_fraction(started, ended, 0.1), 1),
+            "rss_end_mb": round(rss_end, 1),
+            "rss_peak_mb": round(rss_mb("VmHWM"), 1),
+        }
+    )
 
 
 if __name__ == "__main__":

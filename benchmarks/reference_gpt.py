@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from chardata import DEFAULT_DATA, fixed_val_batches, load_chars, sample_batch, val_windows
 from machine import emit, matmul_peak_tflops, physical_cores, result, synchronize
 
@@ -43,8 +42,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -54,8 +52,9 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout)
         self.ln2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
-                                 nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
+        )
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
@@ -63,8 +62,7 @@ class Block(nn.Module):
 
 
 class ReferenceGPT(nn.Module):
-    def __init__(self, vocab_size: int, n_layer: int, n_head: int, n_embd: int, context: int,
-                 dropout: float = 0.0):
+    def __init__(self, vocab_size: int, n_layer: int, n_head: int, n_embd: int, context: int, dropout: float = 0.0):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(context, n_embd)
@@ -104,8 +102,10 @@ class ReferenceGPT(nn.Module):
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1):
     # Decay only matrices (weights, embeddings), not biases or LayerNorm gains, as nanoGPT does.
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
 
 
@@ -119,8 +119,22 @@ def cosine_lr(step: int, lr: float, warmup: int, decay_steps: int, min_lr: float
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-def train_reference(model, train_ids, *, steps, batch, context, lr_at, device="cpu", seed=0,
-                    grad_clip=1.0, eval_every=0, eval_fn=None, stop=None, clock_start=None):
+def train_reference(
+    model,
+    train_ids,
+    *,
+    steps,
+    batch,
+    context,
+    lr_at,
+    device="cpu",
+    seed=0,
+    grad_clip=1.0,
+    eval_every=0,
+    eval_fn=None,
+    stop=None,
+    clock_start=None,
+):
     """Train ``steps`` optimizer steps; return per-step seconds and the evaluations made.
 
     ``eval_fn()`` (if given) runs at step 0, every ``eval_every`` steps and after the last step;
@@ -136,8 +150,14 @@ def train_reference(model, train_ids, *, steps, batch, context, lr_at, device="c
         model.eval()
         loss = eval_fn()
         model.train()
-        evals.append({"step": step, "val_loss": loss, "train_seconds": sum(step_seconds),
-                      "wall_seconds": time.perf_counter() - t_start})
+        evals.append(
+            {
+                "step": step,
+                "val_loss": loss,
+                "train_seconds": sum(step_seconds),
+                "wall_seconds": time.perf_counter() - t_start,
+            }
+        )
         return stop is not None and stop(step, loss)
 
     model.train()
@@ -180,9 +200,15 @@ def full_val_loss(model, val_ids, context, device):
 # time-to-loss setting; the speed mode is normally given the bigger shape on the command line.
 OPTIONS = [
     ("--threads", int, physical_cores(), "torch threads (default: physical cores)"),
-    ("--seed", int, 1337, None), ("--n-layer", int, 4, None), ("--n-head", int, 4, None),
-    ("--n-embd", int, 128, None), ("--context", int, 64, None), ("--batch", int, 12, None),
-    ("--dropout", float, 0.0, None), ("--lr", float, 1e-3, None), ("--min-lr", float, 1e-4, None),
+    ("--seed", int, 1337, None),
+    ("--n-layer", int, 4, None),
+    ("--n-head", int, 4, None),
+    ("--n-embd", int, 128, None),
+    ("--context", int, 64, None),
+    ("--batch", int, 12, None),
+    ("--dropout", float, 0.0, None),
+    ("--lr", float, 1e-3, None),
+    ("--min-lr", float, 1e-4, None),
     ("--warmup-steps", int, 100, "time-to-loss: linear lr warmup steps"),
     ("--steps", int, None, "speed: timed steps (20); time-to-loss: max steps (2000)"),
     ("--target", float, 1.90, "time-to-loss: validation loss to reach"),
@@ -204,24 +230,35 @@ def parse_args(argv=None):
 
 def run_speed(args, model, train_ids, tokens_per_step):
     steps, warmup = args.steps or 20, 2  # first steps pay for allocator growth and kernel choice
-    secs, _ = train_reference(model, train_ids, steps=warmup + steps, batch=args.batch,
-                              context=args.context, lr_at=lambda s: args.lr,
-                              device=args.device, seed=args.seed)
+    secs, _ = train_reference(
+        model,
+        train_ids,
+        steps=warmup + steps,
+        batch=args.batch,
+        context=args.context,
+        lr_at=lambda s: args.lr,
+        device=args.device,
+        seed=args.seed,
+    )
     timed = secs[warmup:]
     median = statistics.median(timed)
     # Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores.
     flops_per_token = 6 * model.num_params() + 6 * args.n_layer * args.n_embd * args.context
-    return dict(steps_timed=steps, warmup_steps=warmup, ms_per_step=round(median * 1e3, 2),
-                ms_per_step_min=round(min(timed) * 1e3, 2), ms_per_step_max=round(max(timed) * 1e3, 2),
-                tokens_per_second=round(tokens_per_step / median, 1),
-                model_tflops=round(flops_per_token * tokens_per_step / median / 1e12, 4),
-                matmul_peak_tflops_fp32=round(matmul_peak_tflops(args.device, torch.float32), 4))
+    return dict(
+        steps_timed=steps,
+        warmup_steps=warmup,
+        ms_per_step=round(median * 1e3, 2),
+        ms_per_step_min=round(min(timed) * 1e3, 2),
+        ms_per_step_max=round(max(timed) * 1e3, 2),
+        tokens_per_second=round(tokens_per_step / median, 1),
+        model_tflops=round(flops_per_token * tokens_per_step / median / 1e12, 4),
+        matmul_peak_tflops_fp32=round(matmul_peak_tflops(args.device, torch.float32), 4),
+    )
 
 
 def run_time_to_loss(args, model, train_ids, val_ids, tokens_per_step, clock_start):
     steps = args.steps or 2000
-    eval_fn = fixed_eval_fn(model, val_ids, args.eval_batches, args.batch, args.context,
-                            args.seed, args.device)
+    eval_fn = fixed_eval_fn(model, val_ids, args.eval_batches, args.batch, args.context, args.seed, args.device)
     reached = []  # the first evaluated step at or under the target
 
     def stop(step, loss):
@@ -230,16 +267,30 @@ def run_time_to_loss(args, model, train_ids, val_ids, tokens_per_step, clock_sta
         return bool(reached) and args.stop_at_target
 
     secs, evals = train_reference(
-        model, train_ids, steps=steps, batch=args.batch, context=args.context,
+        model,
+        train_ids,
+        steps=steps,
+        batch=args.batch,
+        context=args.context,
         lr_at=lambda s: cosine_lr(s, args.lr, args.warmup_steps, steps, args.min_lr),
-        device=args.device, seed=args.seed, eval_every=args.eval_every, eval_fn=eval_fn, stop=stop,
-        clock_start=clock_start)
+        device=args.device,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        eval_fn=eval_fn,
+        stop=stop,
+        clock_start=clock_start,
+    )
     hit = next((e for e in evals if reached and e["step"] == reached[0]), None)
     return dict(
-        target=args.target, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-        max_steps=steps, steps_run=len(secs), eval_every=args.eval_every,
+        target=args.target,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps,
+        max_steps=steps,
+        steps_run=len(secs),
+        eval_every=args.eval_every,
         eval_set=f"{args.eval_batches} fixed batches x {args.batch} x {args.context} tokens "
-                 f"from the last 10% of the file",
+        f"from the last 10% of the file",
         reached_target=hit is not None,
         step_to_target=hit and hit["step"],
         tokens_to_target=hit and hit["step"] * tokens_per_step,
@@ -248,8 +299,10 @@ def run_time_to_loss(args, model, train_ids, val_ids, tokens_per_step, clock_sta
         final_val_loss=round(evals[-1]["val_loss"], 4),
         best_val_loss=round(min(e["val_loss"] for e in evals), 4),
         final_val_loss_full_split=round(full_val_loss(model, val_ids, args.context, args.device), 4),
-        train_seconds_total=round(sum(secs), 3), wall_seconds_total=round(evals[-1]["wall_seconds"], 3),
-        ms_per_step=round(statistics.median(secs) * 1e3, 3) if secs else None)  # none if the target was met at step 0
+        train_seconds_total=round(sum(secs), 3),
+        wall_seconds_total=round(evals[-1]["wall_seconds"], 3),
+        ms_per_step=round(statistics.median(secs) * 1e3, 3) if secs else None,
+    )  # none if the target was met at step 0
 
 
 def main(argv=None):
@@ -259,12 +312,20 @@ def main(argv=None):
     t0 = time.perf_counter()  # time to loss counts from here: data, model and optimizer set-up included
     train_ids, val_ids, vocab = load_chars(args.data)
     data_seconds = time.perf_counter() - t0
-    model = ReferenceGPT(vocab, args.n_layer, args.n_head, args.n_embd, args.context,
-                         args.dropout).to(args.device)
-    record = {**result(f"reference_gpt.{args.mode}", args.device, torch.float32), "n_layer": args.n_layer,
-              "n_head": args.n_head, "n_embd": args.n_embd, "context": args.context, "batch": args.batch,
-              "dropout": args.dropout, "vocab_size": vocab, "params": model.num_params(),
-              "data_seconds": round(data_seconds, 4), "seed": args.seed}
+    model = ReferenceGPT(vocab, args.n_layer, args.n_head, args.n_embd, args.context, args.dropout).to(args.device)
+    record = {
+        **result(f"reference_gpt.{args.mode}", args.device, torch.float32),
+        "n_layer": args.n_layer,
+        "n_head": args.n_head,
+        "n_embd": args.n_embd,
+        "context": args.context,
+        "batch": args.batch,
+        "dropout": args.dropout,
+        "vocab_size": vocab,
+        "params": model.num_params(),
+        "data_seconds": round(data_seconds, 4),
+        "seed": args.seed,
+    }
     tokens_per_step = args.batch * args.context
     if args.mode == "speed":
         record.update(run_speed(args, model, train_ids, tokens_per_step))

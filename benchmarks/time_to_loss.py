@@ -38,8 +38,17 @@ from potion.train import train  # noqa: E402
 
 
 def reference_time_to_loss(target: float, threads: int) -> dict:
-    cmd = [sys.executable, str(HERE / "reference_gpt.py"), "--mode", "time-to-loss", "--target", str(target),
-           "--threads", str(threads), "--stop-at-target"]
+    cmd = [
+        sys.executable,
+        str(HERE / "reference_gpt.py"),
+        "--mode",
+        "time-to-loss",
+        "--target",
+        str(target),
+        "--threads",
+        str(threads),
+        "--stop-at-target",
+    ]
     return run_json(cmd)
 
 
@@ -50,9 +59,19 @@ def potion_time_to_loss(preset: str, target: float, eval_every: int, overrides: 
     with tempfile.TemporaryDirectory() as tmp:
         shape = resolve(preset, None, overrides)
         eval_batches = max(1, round(REFERENCE_EVAL_TOKENS / (shape.train.batch_size * shape.model.context_length)))
-        config = resolve(preset, None, [f"data={DEFAULT_DATA}", f"eval_every={eval_every}", "sample_tokens=0",
-                                        f"stop_at_loss={target}", f"eval_batches={eval_batches}",
-                                        "eval_train_split=false", *overrides])
+        config = resolve(
+            preset,
+            None,
+            [
+                f"data={DEFAULT_DATA}",
+                f"eval_every={eval_every}",
+                "sample_tokens=0",
+                f"stop_at_loss={target}",
+                f"eval_batches={eval_batches}",
+                "eval_train_split=false",
+                *overrides,
+            ],
+        )
         launched = time.time()
         summary = train(config, out=Path(tmp) / "run", quiet=True)
         wall = time.time() - launched
@@ -66,15 +85,26 @@ def potion_time_to_loss(preset: str, target: float, eval_every: int, overrides: 
         "seconds_to_target_wall": hit and hit["elapsed"],
         "seconds_to_target_train": hit and hit["train_seconds"],
         "best_val_loss": round(min(r["val_loss"] for r in evals), 4),
-        "steps_run": summary["steps"], "wall_seconds_total": round(wall, 2),
+        "steps_run": summary["steps"],
+        "wall_seconds_total": round(wall, 2),
         "evaluations": [(r["step"], round(r["val_loss"], 4), r["elapsed"]) for r in evals],
     }
 
 
 def potion_in_a_fresh_process(args) -> dict:
     """A potion run in its own process, so that each one starts as cold as the reference does."""
-    cmd = [sys.executable, __file__, "--no-reference", "--preset", args.preset, "--target", str(args.target),
-           "--eval-every", str(args.eval_every), *(f"--set={o}" for o in args.set)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--no-reference",
+        "--preset",
+        args.preset,
+        "--target",
+        str(args.target),
+        "--eval-every",
+        str(args.eval_every),
+        *(f"--set={o}" for o in args.set),
+    ]
     return run_json(cmd)
 
 
@@ -92,10 +122,18 @@ def main(argv=None) -> None:
         config, figures = potion_time_to_loss(args.preset, args.target, args.eval_every, args.set)
         device = pick_device(config.train.device)
         m, t = config.model, config.train
-        emit({**result("time_to_loss", device, pick_dtype(t.dtype, device)), "preset": args.preset,
-              "overrides": args.set, "target": args.target,
-              "shape": f"{m.n_layer}L/{m.n_head}H/{m.n_embd}, context {m.context_length}, batch {t.batch_size}",
-              "optimizer": t.optimizer, "compile": t.compile, **{f"potion_{k}": v for k, v in figures.items()}})
+        emit(
+            {
+                **result("time_to_loss", device, pick_dtype(t.dtype, device)),
+                "preset": args.preset,
+                "overrides": args.set,
+                "target": args.target,
+                "shape": f"{m.n_layer}L/{m.n_head}H/{m.n_embd}, context {m.context_length}, batch {t.batch_size}",
+                "optimizer": t.optimizer,
+                "compile": t.compile,
+                **{f"potion_{k}": v for k, v in figures.items()},
+            }
+        )
         return
 
     before = potion_in_a_fresh_process(args)
@@ -103,11 +141,19 @@ def main(argv=None) -> None:
     after = potion_in_a_fresh_process(args)
     record = {k: v for k, v in before.items() if not k.startswith("potion_") and k != "load_avg_1m_end"}
     record.update({k.replace("potion_", "potion_before_", 1): v for k, v in before.items() if k.startswith("potion_")})
-    record.update({f"potion_after_{k}": after[f"potion_{k}"]
-                   for k in ("reached_target", "step_to_target", "seconds_to_target_wall", "best_val_loss")})
-    record.update(reference_target=args.reference_target, reference_reached=ref["reached_target"],
-                  reference_seconds_to_target_wall=ref["seconds_to_target_wall"],
-                  reference_step_to_target=ref["step_to_target"], reference_best_val_loss=ref["best_val_loss"])
+    record.update(
+        {
+            f"potion_after_{k}": after[f"potion_{k}"]
+            for k in ("reached_target", "step_to_target", "seconds_to_target_wall", "best_val_loss")
+        }
+    )
+    record.update(
+        reference_target=args.reference_target,
+        reference_reached=ref["reached_target"],
+        reference_seconds_to_target_wall=ref["seconds_to_target_wall"],
+        reference_step_to_target=ref["step_to_target"],
+        reference_best_val_loss=ref["best_val_loss"],
+    )
     if before["potion_reached_target"] and after["potion_reached_target"] and ref["reached_target"]:
         mean = (before["potion_seconds_to_target_wall"] + after["potion_seconds_to_target_wall"]) / 2
         record["potion_mean_seconds_to_target_wall"] = round(mean, 2)

@@ -27,18 +27,36 @@ sys.path.insert(0, str(HERE.parent))
 from chardata import DEFAULT_DATA  # noqa: E402
 from machine import dtype_name, emit, matmul_peak_tflops, read_log, result, run_json  # noqa: E402
 
-from potion.run import read_config  # noqa: E402
 from potion.config import resolve  # noqa: E402
 from potion.hardware import pick_device, pick_dtype  # noqa: E402
 from potion.model import GPT  # noqa: E402
+from potion.run import read_config  # noqa: E402
 from potion.train import LOG_EVERY, train  # noqa: E402
 
 
 def reference_speed(model_config, batch: int, steps: int, threads: int) -> dict:
-    cmd = [sys.executable, str(HERE / "reference_gpt.py"), "--mode", "speed", "--steps", str(steps),
-           "--threads", str(threads), "--n-layer", str(model_config.n_layer), "--n-head", str(model_config.n_head),
-           "--n-embd", str(model_config.n_embd), "--context", str(model_config.context_length),
-           "--batch", str(batch), "--dropout", str(model_config.dropout)]
+    cmd = [
+        sys.executable,
+        str(HERE / "reference_gpt.py"),
+        "--mode",
+        "speed",
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--n-layer",
+        str(model_config.n_layer),
+        "--n-head",
+        str(model_config.n_head),
+        "--n-embd",
+        str(model_config.n_embd),
+        "--context",
+        str(model_config.context_length),
+        "--batch",
+        str(batch),
+        "--dropout",
+        str(model_config.dropout),
+    ]
     return run_json(cmd)
 
 
@@ -46,8 +64,19 @@ def potion_speed(preset: str, overrides: list[str], steps: int) -> dict:
     """Run potion's trainer for `steps` steps with no evaluation in between; read its logged tokens/s windows."""
     steps = max(steps, 3 * LOG_EVERY)
     with tempfile.TemporaryDirectory() as tmp:
-        config = resolve(preset, None, [f"data={DEFAULT_DATA}", f"max_steps={steps}", f"eval_every={steps}",
-                                        "eval_batches=1", "sample_tokens=0", "max_time=0", *overrides])
+        config = resolve(
+            preset,
+            None,
+            [
+                f"data={DEFAULT_DATA}",
+                f"max_steps={steps}",
+                f"eval_every={steps}",
+                "eval_batches=1",
+                "sample_tokens=0",
+                "max_time=0",
+                *overrides,
+            ],
+        )
         summary = train(config, out=Path(tmp) / "run", quiet=True)
         config = read_config(Path(tmp) / "run")  # with the vocabulary size filled in
         rows = read_log(Path(tmp) / "run")
@@ -74,9 +103,15 @@ def main(argv=None) -> None:
         flops = GPT(m).training_flops_per_token()
         peak = matmul_peak_tflops(device, dtype)
         record = {
-            **result("train_speed", device, dtype, threads), "preset": preset, "overrides": args.set,
-            "compile": config.train.compile, "optimizer": config.train.optimizer, "parameters": summary["parameters"],
-            "batch": config.train.batch_size, "context": m.context_length, "dropout": m.dropout,
+            **result("train_speed", device, dtype, threads),
+            "preset": preset,
+            "overrides": args.set,
+            "compile": config.train.compile,
+            "optimizer": config.train.optimizer,
+            "parameters": summary["parameters"],
+            "batch": config.train.batch_size,
+            "context": m.context_length,
+            "dropout": m.dropout,
             "potion_tokens_per_second": round(tokens_per_second, 1),
             "potion_windows_tokens_per_second": windows,
             "potion_tflops": round(flops * tokens_per_second / 1e12, 4),
@@ -85,9 +120,11 @@ def main(argv=None) -> None:
         }
         if not args.no_reference:
             ref = reference_speed(m, config.train.batch_size, args.reference_steps, threads)
-            record.update(reference_tokens_per_second=ref["tokens_per_second"],
-                          reference_ms_per_step=ref["ms_per_step"],
-                          speedup=round(tokens_per_second / ref["tokens_per_second"], 2))
+            record.update(
+                reference_tokens_per_second=ref["tokens_per_second"],
+                reference_ms_per_step=ref["ms_per_step"],
+                speedup=round(tokens_per_second / ref["tokens_per_second"], 2),
+            )
         emit(record)
 
 

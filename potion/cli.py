@@ -170,6 +170,10 @@ def cmd_presets(args) -> int:
 # ---------------------------------------------------------------- arguments
 
 
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="run directory (default: the latest under ./runs)")
+
+
 def add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model (default: the tiny preset on the built-in pydocs corpus)")
     t.add_argument("--data", help="a file, directory, glob, or built-in corpus: pydocs (default), shakespeare")
@@ -195,7 +199,7 @@ def add_train(sub) -> None:
 def add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a trained model")
     g.add_argument("prompt", nargs="?", default="")
-    g.add_argument("--model", help="run directory (default: the latest under ./runs)")
+    add_model_option(g)
     g.add_argument("--max-new-tokens", type=int, default=500)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, help="draw only from the k most likely tokens (default: no limit)")
@@ -216,7 +220,7 @@ def add_generate(sub) -> None:
 
 def add_eval(sub) -> None:
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained model")
-    e.add_argument("--model", help="run directory (default: the latest under ./runs)")
+    add_model_option(e)
     e.add_argument("--data", help="text to evaluate on (default: the model's validation split)")
     e.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     e.set_defaults(func=cmd_eval)
@@ -225,7 +229,7 @@ def add_eval(sub) -> None:
 def add_explain(sub) -> None:
     x = sub.add_parser("explain", help="look inside one prediction: attention, logit lens, what mattered")
     x.add_argument("prompt", help="the text whose next-token prediction is explained")
-    x.add_argument("--model", help="run directory (default: the latest under ./runs)")
+    add_model_option(x)
     x.add_argument(
         "--token",
         type=int,

@@ -17,8 +17,16 @@ from potion.config import resolve
 from potion.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["n_layer=2", "n_embd=32", "n_head=2", "context_length=32", "batch_size=8", "eval_batches=2",
-        "sample_tokens=0", "warmup_steps=5"]
+TINY = [
+    "n_layer=2",
+    "n_embd=32",
+    "n_head=2",
+    "context_length=32",
+    "batch_size=8",
+    "eval_batches=2",
+    "sample_tokens=0",
+    "warmup_steps=5",
+]
 SETS = [a for s in TINY for a in ("--set", s)]
 
 
@@ -108,10 +116,29 @@ def test_50_mb_without_a_newline_trains_in_bounded_memory(tmp_path):
         for _ in range(50 * (1 << 20) // len(unit)):
             f.write(unit)
     assert path.stat().st_size > 49 * (1 << 20)
-    result = subprocess.run([sys.executable, "-m", "potion", "train", "--data", path, *SETS, "--max-steps", "2",
-                             "--eval-every", "2", "--out", tmp_path / "run", "--quiet", "--json"],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "potion",
+            "train",
+            "--data",
+            path,
+            *SETS,
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--out",
+            tmp_path / "run",
+            "--quiet",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["steps"] == 2
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest process so far
@@ -121,39 +148,49 @@ def test_50_mb_without_a_newline_trains_in_bounded_memory(tmp_path):
 
 def test_unknown_character_in_the_prompt(capsys, run):
     line = error_line(capsys, ["generate", "the zebra", "--model", run], run)
-    assert "character 'z' (U+007A) in the prompt at line 1, column 5 is not in this model's character vocabulary" \
-        in line
+    assert (
+        "character 'z' (U+007A) in the prompt at line 1, column 5 is not in this model's character vocabulary" in line
+    )
 
 
 def test_prompt_longer_than_context_warns_and_keeps_the_last_tokens(capsys, run):
-    assert main(["generate", "the cat sat on a mat " * 4, "--model", str(run), "--max-new-tokens", "3",
-                 "--seed", "0"]) == 0
+    assert (
+        main(["generate", "the cat sat on a mat " * 4, "--model", str(run), "--max-new-tokens", "3", "--seed", "0"])
+        == 0
+    )
     captured = capsys.readouterr()
-    assert captured.err.strip() == ("potion: warning: the prompt has 84 tokens; this model's context is 32, so only "
-                                    "the last 32 are used")
+    assert captured.err.strip() == (
+        "potion: warning: the prompt has 84 tokens; this model's context is 32, so only the last 32 are used"
+    )
     print(captured.err.strip())
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-0.5"], "--temperature must be 0 (greedy) or positive, got -0.5"),
-    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-    (["--top-k", "0"], "--top-k must be at least 1 (leave it out for no limit), got 0"),
-    (["--top-k", "-3"], "--top-k must be at least 1 (leave it out for no limit), got -3"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "-0.5"], "--temperature must be 0 (greedy) or positive, got -0.5"),
+        (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--top-k", "0"], "--top-k must be at least 1 (leave it out for no limit), got 0"),
+        (["--top-k", "-3"], "--top-k must be at least 1 (leave it out for no limit), got -3"),
+    ],
+)
 def test_out_of_range_sampling_values(capsys, run, flags, message):
     assert error_line(capsys, ["generate", "the", "--model", run, *flags], run) == f"potion: error: {message}"
 
 
-@pytest.mark.parametrize("toml, message", [
-    (None, "unknown config key 'colour'"),
-    (None, "--set n_layer: 'many' is not a valid int"),
-    ("[model]\ncolour = 1\n", "[model]: unknown key(s) colour; known keys:"),
-    ("[model]\nn_layer = \"six\"\n", "[model] n_layer: expected int, got str 'six'"),
-    ("[train]\nlearning_rate = true\n", "[train] learning_rate: expected float, got bool True"),
-    ("[colour]\nred = 1\n", "unknown section(s) ['colour']"),
-    ("[model\nn_layer = 2\n", "is not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        (None, "unknown config key 'colour'"),
+        (None, "--set n_layer: 'many' is not a valid int"),
+        ("[model]\ncolour = 1\n", "[model]: unknown key(s) colour; known keys:"),
+        ('[model]\nn_layer = "six"\n', "[model] n_layer: expected int, got str 'six'"),
+        ("[train]\nlearning_rate = true\n", "[train] learning_rate: expected float, got bool True"),
+        ("[colour]\nred = 1\n", "unknown section(s) ['colour']"),
+        ("[model\nn_layer = 2\n", "is not valid TOML"),
+    ],
+)
 def test_unknown_config_keys_and_wrong_types(capsys, tmp_path, toml, message):
     if toml is None:
         extra = ["--set", "colour=blue"] if "colour" in message else ["--set", "n_layer=many"]
@@ -172,7 +209,11 @@ def copy_of(run, tmp_path):
 def test_run_directory_from_a_newer_potion(capsys, copy_of):
     body = json.loads((copy_of / "config.json").read_text())
     (copy_of / "config.json").write_text(json.dumps({**body, "format_version": 99}))
-    for argv in (["generate", "--model", copy_of], ["eval", "--model", copy_of], ["train", "--resume", "--out", copy_of]):
+    for argv in (
+        ["generate", "--model", copy_of],
+        ["eval", "--model", copy_of],
+        ["train", "--resume", "--out", copy_of],
+    ):
         line = error_line(capsys, argv, copy_of)
         assert f"'{copy_of}' was written by a newer potion (format 99; this one reads up to 1); upgrade potion" in line
 
@@ -189,13 +230,17 @@ def test_existing_out_without_resume(capsys, run):
 
 
 def test_missing_run_directory(capsys, tmp_path):
-    for argv in (["generate", "--model", tmp_path / "nowhere"], ["eval", "--model", tmp_path / "nowhere"],
-                 ["train", "--resume", "--out", tmp_path / "nowhere"]):
+    for argv in (
+        ["generate", "--model", tmp_path / "nowhere"],
+        ["eval", "--model", tmp_path / "nowhere"],
+        ["train", "--resume", "--out", tmp_path / "nowhere"],
+    ):
         assert f"run directory '{tmp_path / 'nowhere'}' does not exist" in error_line(capsys, argv)
     assert not (tmp_path / "nowhere").exists()
 
 
 def test_not_a_run_directory(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    assert "is not a potion run directory (no config.json)" in error_line(capsys, ["generate", "--model", tmp_path],
-                                                                         tmp_path)
+    assert "is not a potion run directory (no config.json)" in error_line(
+        capsys, ["generate", "--model", tmp_path], tmp_path
+    )

@@ -9,13 +9,33 @@ from collections import Counter
 
 import pytest
 
-SMALL = ["--set", "n_layer=2", "--set", "n_embd=64", "--set", "n_head=4", "--set", "context_length=64",
-         "--set", "batch_size=16", "--set", "sample_tokens=20", "--set", "warmup_steps=20"]
+SMALL = [
+    "--set",
+    "n_layer=2",
+    "--set",
+    "n_embd=64",
+    "--set",
+    "n_head=4",
+    "--set",
+    "context_length=64",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "sample_tokens=20",
+    "--set",
+    "warmup_steps=20",
+]
 
 
 def potion(*args, cwd=None, check=True):
-    result = subprocess.run([sys.executable, "-m", "potion", *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "potion", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=600,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"potion {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
     return result
@@ -25,8 +45,20 @@ def potion(*args, cwd=None, check=True):
 def trained(tmp_path_factory, shakespeare):
     out = tmp_path_factory.mktemp("runs") / "run"
     # a data path relative to where training ran: eval, run from elsewhere, must still find the validation split
-    result = potion("train", "--data", shakespeare.name, *SMALL, "--max-steps", 300, "--eval-every", 100, "--out",
-                    out, "--json", cwd=shakespeare.parent)
+    result = potion(
+        "train",
+        "--data",
+        shakespeare.name,
+        *SMALL,
+        "--max-steps",
+        300,
+        "--eval-every",
+        100,
+        "--out",
+        out,
+        "--json",
+        cwd=shakespeare.parent,
+    )
     return out, json.loads(result.stdout)
 
 
@@ -38,8 +70,16 @@ def unigram_entropy(path):
 
 def test_short_run_beats_unigram_entropy(trained, shakespeare):
     out, summary = trained
-    assert set(summary) >= {"steps", "tokens", "seconds", "tokens_per_second", "train_loss", "val_loss",
-                            "best_val_loss", "out"}
+    assert set(summary) >= {
+        "steps",
+        "tokens",
+        "seconds",
+        "tokens_per_second",
+        "train_loss",
+        "val_loss",
+        "best_val_loss",
+        "out",
+    }
     assert summary["steps"] == 300
     assert summary["val_loss"] < unigram_entropy(shakespeare) - 0.6  # about 3.3 nats -> below 2.7
     for name in ("config.json", "tokenizer.json", "model.safetensors", "log.jsonl", "loss.png"):
@@ -51,8 +91,9 @@ def test_generate_same_seed_same_text(trained):
     a = potion("generate", "ROMEO:", "--model", out, "--seed", 1, "--max-new-tokens", 60).stdout
     b = potion("generate", "ROMEO:", "--model", out, "--seed", 1, "--max-new-tokens", 60).stdout
     assert a == b and a.startswith("ROMEO:") and len(a) > 20
-    j = json.loads(potion("generate", "--model", out, "--seed", 2, "--num-samples", 2, "--max-new-tokens", 30,
-                          "--json").stdout)
+    j = json.loads(
+        potion("generate", "--model", out, "--seed", 2, "--num-samples", 2, "--max-new-tokens", 30, "--json").stdout
+    )
     assert len(j["samples"]) == 2 and j["tokens_per_second"] > 0
     assert all(s["finish_reason"] in ("eot", "length") and s["tokens"] <= 30 for s in j["samples"])
 
@@ -74,17 +115,23 @@ def test_existing_out_is_refused_without_resume(trained, shakespeare):
     assert (out / "model.safetensors").read_bytes() == before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--data", "/nonexistent/file.txt"], "is not a file, a directory"),
-    (["train", "--preset", "enormous"], "unknown preset"),
-    (["train", "--set", "n_layer=many"], "not a valid int"),
-    (["train", "--set", "colour=blue"], "unknown config key"),
-    (["generate", "--model", "/nonexistent/run"], "does not exist"),
-    (["generate", "--temperature", "-1", "--model", "."], "temperature"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "/nonexistent/file.txt"], "is not a file, a directory"),
+        (["train", "--preset", "enormous"], "unknown preset"),
+        (["train", "--set", "n_layer=many"], "not a valid int"),
+        (["train", "--set", "colour=blue"], "unknown config key"),
+        (["generate", "--model", "/nonexistent/run"], "does not exist"),
+        (["generate", "--temperature", "-1", "--model", "."], "temperature"),
+    ],
+)
 def test_bad_input_one_line_exit_2(tmp_path, args, message):
-    r = potion(*args, "--out", tmp_path / "o", cwd=tmp_path, check=False) if args[0] == "train" else \
-        potion(*args, cwd=tmp_path, check=False)
+    r = (
+        potion(*args, "--out", tmp_path / "o", cwd=tmp_path, check=False)
+        if args[0] == "train"
+        else potion(*args, cwd=tmp_path, check=False)
+    )
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -23,14 +23,17 @@ def test_config_file(tmp_path):
     assert resolve("tiny", str(f)).model.n_embd == 64
 
 
-@pytest.mark.parametrize("item, message", [
-    ("n_layer", "KEY=VALUE"),
-    ("nonsense=1", "unknown config key"),
-    ("n_layer=two", "not a valid int"),
-    ("positions=sideways", "positions must be one of"),
-    ("n_head=5", "divisible"),
-    ("model.batch_size=4", "unknown config key"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("n_layer", "KEY=VALUE"),
+        ("nonsense=1", "unknown config key"),
+        ("n_layer=two", "not a valid int"),
+        ("positions=sideways", "positions must be one of"),
+        ("n_head=5", "divisible"),
+        ("model.batch_size=4", "unknown config key"),
+    ],
+)
 def test_bad_overrides(item, message):
     with pytest.raises(PotionError, match=message):
         apply_overrides(load_preset("tiny"), [item])

@@ -53,11 +53,14 @@ def test_batches_are_shifted_windows_and_resumable():
     assert bool((b.next()[0] == after).all())
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty"),
-    (b"abc\x00\x01\x02", "binary file.*offset 3"),
-    (b"caf\xc3\xa9 ok \xff\xfe", "not valid UTF-8 at byte offset 9"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"abc\x00\x01\x02", "binary file.*offset 3"),
+        (b"caf\xc3\xa9 ok \xff\xfe", "not valid UTF-8 at byte offset 9"),
+    ],
+)
 def test_bad_files(tmp_path, content, message):
     f = tmp_path / "bad.txt"
     f.write_bytes(content)

@@ -31,16 +31,32 @@ from potion.tokenizer import CharTokenizer, save_tokenizer
 CHARS = "abcdefghijklmnopqrstuvwxyz ROMEO:<>/\n"
 VARIANTS = {
     "gpt2": {},
-    "modern": {"positions": "rope", "norm": "rmsnorm", "qk_norm": True, "bias": False, "logit_softcap": 15.0,
-               "value_embeddings": True, "tie_embeddings": False, "mlp_activation": "relu2"},
+    "modern": {
+        "positions": "rope",
+        "norm": "rmsnorm",
+        "qk_norm": True,
+        "bias": False,
+        "logit_softcap": 15.0,
+        "value_embeddings": True,
+        "tie_embeddings": False,
+        "mlp_activation": "relu2",
+    },
 }
 
 
 def tiny(variant="gpt2", context_length=32, seed=0):
     torch.manual_seed(seed)
     tok = CharTokenizer(CHARS)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=context_length, n_layer=2, n_head=2, n_embd=32,
-                            **VARIANTS[variant]))
+    model = GPT(
+        ModelConfig(
+            vocab_size=tok.vocab_size,
+            context_length=context_length,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            **VARIANTS[variant],
+        )
+    )
     with torch.no_grad():  # untrained weights attend almost uniformly; spread them so the tests can fail
         for p in model.parameters():
             if p.dim() == 2:
@@ -138,7 +154,7 @@ def test_json_round_trip_and_api(tmp_path):
 
 
 def test_long_prompt_gets_a_focused_view(monkeypatch):
-    data = importlib.import_module("potion.explain.compute")
+    data = importlib.import_module("potion.explain.attention")
 
     monkeypatch.setattr(data, "MATRIX_BUDGET", 100)
     model, tok = tiny()
@@ -147,18 +163,21 @@ def test_long_prompt_gets_a_focused_view(monkeypatch):
     assert "only token" in render_html(e)
 
 
-@pytest.mark.parametrize("kwargs, message, setting", [
-    ({"prompt": ""}, "is empty", None),
-    ({"prompt": "x" * 40}, "this model's context is 32", None),
-    ({"prompt": "ROMEO:", "token": 6}, "^token 6 is out of range", "token"),
-    ({"prompt": "ROMEO:", "token": -7}, "^token -7 is out of range", "token"),
-    ({"prompt": "ROMEO:", "layer": 2}, "^layer 2 is out of range", "layer"),
-    ({"prompt": "ROMEO:", "head": -1}, "^head -1 is out of range", "head"),
-    ({"prompt": "ROMEO:", "top_k": 0}, "^top_k must be at least 1", "top_k"),
-    ({"prompt": "ROMEO:", "expect": ""}, "the expect text is empty", "expect"),
-    ({"prompt": "ROMEO:", "expect": "7"}, "'7' .* in the expect text", "expect"),
-    ({"prompt": "ROMEO: 7"}, "'7' .* is not in this model's character vocabulary", None),
-])
+@pytest.mark.parametrize(
+    "kwargs, message, setting",
+    [
+        ({"prompt": ""}, "is empty", None),
+        ({"prompt": "x" * 40}, "this model's context is 32", None),
+        ({"prompt": "ROMEO:", "token": 6}, "^token 6 is out of range", "token"),
+        ({"prompt": "ROMEO:", "token": -7}, "^token -7 is out of range", "token"),
+        ({"prompt": "ROMEO:", "layer": 2}, "^layer 2 is out of range", "layer"),
+        ({"prompt": "ROMEO:", "head": -1}, "^head -1 is out of range", "head"),
+        ({"prompt": "ROMEO:", "top_k": 0}, "^top_k must be at least 1", "top_k"),
+        ({"prompt": "ROMEO:", "expect": ""}, "the expect text is empty", "expect"),
+        ({"prompt": "ROMEO:", "expect": "7"}, "'7' .* in the expect text", "expect"),
+        ({"prompt": "ROMEO: 7"}, "'7' .* is not in this model's character vocabulary", None),
+    ],
+)
 def test_bad_input_is_a_clear_error(kwargs, message, setting):
     """Library errors name the setting (the command line puts its flag in its place)."""
     model, tok = tiny()
@@ -220,14 +239,36 @@ def test_probes_saved_and_loaded(tmp_path):
 
 
 def potion_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "potion", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "potion", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_cli_writes_every_format(tmp_path):
     run = make_run(tmp_path)
-    r = potion_cli("explain", "ROMEO: ab", "--model", run, "--expect", "c", "--html", tmp_path / "o.html",
-                   "--png", tmp_path / "o.png", "--json-out", tmp_path / "o.json", "--layer", "1", "--head", "0")
+    r = potion_cli(
+        "explain",
+        "ROMEO: ab",
+        "--model",
+        run,
+        "--expect",
+        "c",
+        "--html",
+        tmp_path / "o.html",
+        "--png",
+        tmp_path / "o.png",
+        "--json-out",
+        tmp_path / "o.json",
+        "--layer",
+        "1",
+        "--head",
+        "0",
+    )
     assert r.returncode == 0, r.stderr
     assert "Next token" in r.stdout and "\x1b[" not in r.stdout  # not a tty: plain
     assert (tmp_path / "o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -246,11 +287,14 @@ def test_cli_json_prints_one_object(tmp_path):
     assert e == load_json(tmp_path / "o.json") and e.prompt == "ROMEO: ab"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--token", "99"], "--token 99 is out of range"),
-    (["--layer", "5"], "--layer 5 is out of range"),
-    (["--head", "9"], "--head 9 is out of range"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--token", "99"], "--token 99 is out of range"),
+        (["--layer", "5"], "--layer 5 is out of range"),
+        (["--head", "9"], "--head 9 is out of range"),
+    ],
+)
 def test_cli_bad_index_one_line_exit_2(tmp_path, args, message):
     run = make_run(tmp_path)
     r = potion_cli("explain", "ROMEO:", "--model", run, *args)
@@ -266,10 +310,33 @@ def test_cli_empty_prompt(tmp_path):
 
 def test_train_probe_saves_explain_data_at_each_evaluation(tmp_path, shakespeare):
     out = tmp_path / "run"
-    small = [f"--set={k}" for k in ("n_layer=1", "n_head=2", "n_embd=16", "context_length=16", "batch_size=4",
-                                     "eval_batches=1", "sample_tokens=0")]
-    r = potion_cli("train", "--data", shakespeare, *small, "--max-steps", 4, "--eval-every", 2, "--probe", "ROMEO:",
-                   "--out", out, "--quiet")
+    small = [
+        f"--set={k}"
+        for k in (
+            "n_layer=1",
+            "n_head=2",
+            "n_embd=16",
+            "context_length=16",
+            "batch_size=4",
+            "eval_batches=1",
+            "sample_tokens=0",
+        )
+    ]
+    r = potion_cli(
+        "train",
+        "--data",
+        shakespeare,
+        *small,
+        "--max-steps",
+        4,
+        "--eval-every",
+        2,
+        "--probe",
+        "ROMEO:",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert [p.step for p in load_probes(out)] == [0, 2, 4]
     r = potion_cli("train", "--data", shakespeare, *small, "--probe", "x" * 20, "--out", tmp_path / "o2")

@@ -1,11 +1,18 @@
 import pytest
 import torch
 
-from potion import GPT, ModelConfig, PotionError, SamplingConfig, generate_text
-from potion import config, generate
+from potion import GPT, ModelConfig, PotionError, SamplingConfig, config, generate, generate_text
+from potion.generate import (
+    apply_top_k,
+    apply_top_p,
+    decode_one_token,
+    decoding_dtype,
+    decoding_model,
+    encode_prompt,
+    prefill,
+    sample_next,
+)
 from potion.hardware import DTYPES
-from potion.generate import (apply_top_k, apply_top_p, decode_one_token, decoding_dtype, decoding_model,
-                             encode_prompt, prefill, sample_next)
 from potion.tokenizer import CharTokenizer
 
 
@@ -27,17 +34,20 @@ def test_greedy_is_argmax():
     assert sample_next(logits, temperature=0.0, top_k=0, top_p=1.0).tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-0.5), "temperature must be 0 (greedy) or positive, got -0.5"),
-    (dict(temperature=float("nan")), "temperature must be 0 (greedy) or positive, got nan"),
-    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
-    (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
-    (dict(top_k=0), "top_k must be at least 1 (leave it out for no limit), got 0"),
-    (dict(top_k=-1), "top_k must be at least 1 (leave it out for no limit), got -1"),
-    (dict(max_new_tokens=-1), "max_new_tokens must not be negative, got -1"),
-    (dict(num_samples=0), "num_samples must be at least 1, got 0"),
-    (dict(decode_dtype="fp16"), "decode_dtype must be one of auto, fp32, bf16, got 'fp16'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.5), "temperature must be 0 (greedy) or positive, got -0.5"),
+        (dict(temperature=float("nan")), "temperature must be 0 (greedy) or positive, got nan"),
+        (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+        (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+        (dict(top_k=0), "top_k must be at least 1 (leave it out for no limit), got 0"),
+        (dict(top_k=-1), "top_k must be at least 1 (leave it out for no limit), got -1"),
+        (dict(max_new_tokens=-1), "max_new_tokens must not be negative, got -1"),
+        (dict(num_samples=0), "num_samples must be at least 1, got 0"),
+        (dict(decode_dtype="fp16"), "decode_dtype must be one of auto, fp32, bf16, got 'fp16'"),
+    ],
+)
 def test_bad_sampling_values(kwargs, message):
     with pytest.raises(PotionError) as caught:
         SamplingConfig(**kwargs)
@@ -121,8 +131,13 @@ def test_stop_string_cuts_text(tiny):
     (free,), _ = generate_text(_never_eot(model, tok), tok, "a", s)
     stop = free.text[5:7]
     streamed = []
-    (cut,), _ = generate_text(_never_eot(model, tok), tok, "a", SamplingConfig(max_new_tokens=200, temperature=1.0,
-                              seed=3, stop=(stop,)), on_text=lambda i, t: streamed.append(t))
+    (cut,), _ = generate_text(
+        _never_eot(model, tok),
+        tok,
+        "a",
+        SamplingConfig(max_new_tokens=200, temperature=1.0, seed=3, stop=(stop,)),
+        on_text=lambda i, t: streamed.append(t),
+    )
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[: free.text.find(stop)]
     assert "".join(streamed) == cut.text  # the stop string itself is never streamed

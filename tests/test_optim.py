@@ -16,8 +16,9 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_wsd_schedule_is_flat_then_decays_linearly():
-    tc = TrainConfig(learning_rate=1e-3, warmup_steps=0, max_steps=100, schedule="wsd", decay_fraction=0.2,
-                     min_lr_ratio=0.0)
+    tc = TrainConfig(
+        learning_rate=1e-3, warmup_steps=0, max_steps=100, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0
+    )
     assert optim.learning_rate_at(50, tc) == optim.learning_rate_at(79, tc) == pytest.approx(1e-3)
     assert optim.learning_rate_at(90, tc) == pytest.approx(5e-4)
     assert optim.learning_rate_at(100, tc) == pytest.approx(0.0)
@@ -64,7 +65,8 @@ def test_a_step_marked_found_inf_changes_no_weight_and_no_optimizer_state():
 
     def snapshot():
         return [t.clone() for t in model.state_dict().values()] + [
-            t.clone() for opt in optimizers for s in opt.state.values() for t in s.values()]
+            t.clone() for opt in optimizers for s in opt.state.values() for t in s.values()
+        ]
 
     step()
     before = snapshot()

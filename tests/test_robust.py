@@ -20,18 +20,26 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import potion.checkpoint as ckpt
-from potion.run import LOCK_NAME
 from potion import optim as potion_optim
 from potion.config import ModelConfig, resolve
 from potion.errors import PotionError
 from potion.model import GPT
 from potion.optim import make_optimizer
+from potion.run import LOCK_NAME
 from potion.train import train
 
 training_loop = importlib.import_module("potion.train")  # the module: potion.train is also the function
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["n_layer=2", "n_embd=32", "n_head=2", "context_length=32", "batch_size=8", "eval_batches=2",
-        "sample_tokens=0", "warmup_steps=5"]
+TINY = [
+    "n_layer=2",
+    "n_embd=32",
+    "n_head=2",
+    "context_length=32",
+    "batch_size=8",
+    "eval_batches=2",
+    "sample_tokens=0",
+    "warmup_steps=5",
+]
 # One thread: on a small shared machine two threads of a tiny model mostly wait for each other.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 
@@ -56,8 +64,9 @@ def tiny_config(corpus, *extra):
 
 
 def potion(*args, check=True, timeout=300):
-    result = subprocess.run([sys.executable, "-m", "potion", *map(str, args)], capture_output=True, text=True,
-                            env=ENV, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "potion", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"potion {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
     return result
@@ -86,8 +95,19 @@ def snapshot(folder):
 # ---------------------------------------------------------------- exact resume
 
 
-KILL_RUN = ["--max-steps", 150, "--eval-every", 25, "--checkpoint-every", 2, "--set", "keep_checkpoints=2",
-            "--set", "dropout=0.1", "--quiet"]  # dropout: the torch RNG has to be restored too
+KILL_RUN = [
+    "--max-steps",
+    150,
+    "--eval-every",
+    25,
+    "--checkpoint-every",
+    2,
+    "--set",
+    "keep_checkpoints=2",
+    "--set",
+    "dropout=0.1",
+    "--quiet",
+]  # dropout: the torch RNG has to be restored too
 
 
 def test_sigkill_at_random_moments_then_resume_is_byte_identical(corpus, tmp_path):
@@ -99,8 +119,19 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(corpus, tmp_pat
     kills, kills_after_a_checkpoint, finished, mid_write = 0, 0, False, 0
     while kills < 6:
         resume = ["--resume"] if (run / "config.json").is_file() else []
-        args = [sys.executable, "-m", "potion", "train", "--data", str(corpus),
-                *sum((["--set", s] for s in TINY), []), *map(str, KILL_RUN), "--out", str(run), *resume]
+        args = [
+            sys.executable,
+            "-m",
+            "potion",
+            "train",
+            "--data",
+            str(corpus),
+            *sum((["--set", s] for s in TINY), []),
+            *map(str, KILL_RUN),
+            "--out",
+            str(run),
+            *resume,
+        ]
         before = latest_step(run)
         process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         # The first kill lands at a random moment of start-up; the others a random time after the new process
@@ -124,13 +155,22 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(corpus, tmp_pat
     assert kills >= 5 and kills_after_a_checkpoint >= 4
     print(f"{kills} kills, {mid_write} during a checkpoint write")
     if not finished:
-        potion("train", "--data", corpus, *sum((["--set", s] for s in TINY), []), *KILL_RUN, "--out", run,
-               *(["--resume"] if (run / "config.json").is_file() else []))
+        potion(
+            "train",
+            "--data",
+            corpus,
+            *sum((["--set", s] for s in TINY), []),
+            *KILL_RUN,
+            "--out",
+            run,
+            *(["--resume"] if (run / "config.json").is_file() else []),
+        )
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     last = ckpt.complete_checkpoints(run)[-1]
     assert last.name == "step-00000150"
-    assert (last / "model.safetensors").read_bytes() == \
-        (ckpt.complete_checkpoints(reference)[-1] / "model.safetensors").read_bytes()
+    assert (last / "model.safetensors").read_bytes() == (
+        ckpt.complete_checkpoints(reference)[-1] / "model.safetensors"
+    ).read_bytes()
     assert eval_rows(run) == eval_rows(reference)
     assert train_losses(run) == train_losses(reference)
     assert not (run / LOCK_NAME).exists()
@@ -161,10 +201,13 @@ def test_damaged_checkpoints_are_skipped_and_resume_reproduces_the_run(corpus, t
     with pytest.warns(UserWarning) as caught:
         train(config, run, resume=True, quiet=True)
     messages = [str(w.message) for w in caught]
-    assert any("step-00000030" in m and "does not match its recorded sha256" in m and "falling back to step-00000025" in m
-               for m in messages), messages
-    assert any("step-00000025" in m and "optimizer.safetensors" in m and "falling back to step-00000020" in m
-               for m in messages), messages
+    assert any(
+        "step-00000030" in m and "does not match its recorded sha256" in m and "falling back to step-00000025" in m
+        for m in messages
+    ), messages
+    assert any(
+        "step-00000025" in m and "optimizer.safetensors" in m and "falling back to step-00000020" in m for m in messages
+    ), messages
     assert "resuming" in capsys.readouterr().err
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     assert eval_rows(run) == eval_rows(reference)
@@ -202,8 +245,7 @@ def test_resume_refuses_changed_config_but_allows_steps_and_cadence(corpus, tmp_
     line = r.stderr.strip()
     assert "\n" not in line and "model.n_layer" in line and "train.learning_rate" in line, line
     assert snapshot(run) == before
-    potion("train", "--resume", "--out", run, "--max-steps", 15, "--eval-every", 3, "--set", "max_time=600",
-           "--quiet")
+    potion("train", "--resume", "--out", run, "--max-steps", 15, "--eval-every", 3, "--set", "max_time=600", "--quiet")
     assert ckpt.complete_checkpoints(run)[-1].name == "step-00000015"
 
 
@@ -256,12 +298,27 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(corpus, tmp_path, 
     from potion.cli import main
 
     run = tmp_path / "run"
-    code = main(["train", "--data", str(corpus), *sum((["--set", s] for s in TINY), []), "--max-steps", "20",
-                 "--eval-every", "5", "--out", str(run), "--quiet"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(corpus),
+            *sum((["--set", s] for s in TINY), []),
+            "--max-steps",
+            "20",
+            "--eval-every",
+            "5",
+            "--out",
+            str(run),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err
-    assert err == (f"potion: error: could not write '{run / 'checkpoints' / 'step-00000010'}' (No space left on "
-                   "device); the files written before are intact; free some disk space and resume"), err
+    assert err == (
+        f"potion: error: could not write '{run / 'checkpoints' / 'step-00000010'}' (No space left on "
+        "device); the files written before are intact; free some disk space and resume"
+    ), err
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-00000000", "step-00000005"]
     assert ckpt.checkpoint_problem(run / "checkpoints" / "step-00000005") is None
     assert not list((run / "checkpoints").glob(".*")) and not (run / LOCK_NAME).exists()
@@ -298,13 +355,13 @@ def test_a_nan_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch, read_e
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "run" / "model.safetensors")).values())
 
 
-@pytest.mark.parametrize("read_every, stopped", [(1, "stopped at step 16: 4 steps"),
-                                                 (10, "stopped at step 20: 8 steps")])
+@pytest.mark.parametrize(
+    "read_every, stopped", [(1, "stopped at step 16: 4 steps"), (10, "stopped at step 20: 8 steps")]
+)
 def test_nan_weights_stop_training_and_leave_the_last_checkpoint(corpus, tmp_path, monkeypatch, read_every, stopped):
     monkeypatch.setattr(training_loop, "host_read_interval", lambda device: read_every)
     run = tmp_path / "run"
-    first = next(iter(GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=1, n_embd=8))
-                      .state_dict()))
+    first = next(iter(GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=1, n_embd=8)).state_dict()))
     real_forward = GPT.forward
     calls = [0]
 
@@ -317,8 +374,11 @@ def test_nan_weights_stop_training_and_leave_the_last_checkpoint(corpus, tmp_pat
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "forward", forward)
-    with pytest.raises(PotionError, match=stopped + r" in a row had a non-finite .*"
-                                          r"the last checkpoint \(step-00000010\) is untouched"):
+    with pytest.raises(
+        PotionError,
+        match=stopped + r" in a row had a non-finite .*"
+        r"the last checkpoint \(step-00000010\) is untouched",
+    ):
         train(tiny_config(corpus, "max_steps=40", "eval_every=5", "max_nonfinite_steps=4"), run, quiet=True)
     last = ckpt.complete_checkpoints(run)[-1]
     assert last.name == "step-00000010" and ckpt.checkpoint_problem(last) is None
@@ -376,8 +436,14 @@ def test_a_planted_pickle_is_never_run(corpus, tmp_path):
     train(tiny_config(corpus, "max_steps=5", "eval_every=5"), run, quiet=True)
     marker = tmp_path / "pwned"
     payload = pickle.dumps(Payload(marker))
-    for name in ("model.bin", "pytorch_model.bin", "model.pt", "optimizer.pt", "checkpoints/step-00000005/rng.pkl",
-                 "training_args.bin"):
+    for name in (
+        "model.bin",
+        "pytorch_model.bin",
+        "model.pt",
+        "optimizer.pt",
+        "checkpoints/step-00000005/rng.pkl",
+        "training_args.bin",
+    ):
         (run / name).write_bytes(payload)
     from potion import load
 
@@ -397,9 +463,27 @@ def test_a_planted_pickle_is_never_run(corpus, tmp_path):
 def test_a_second_training_on_the_same_run_directory_refuses(corpus, tmp_path):
     run = tmp_path / "run"
     tiny = sum((["--set", s] for s in TINY), [])
-    first = subprocess.Popen([sys.executable, "-m", "potion", "train", "--data", str(corpus), *tiny, "--max-steps",
-                              "100000", "--eval-every", "1000", "--out", str(run), "--quiet"],
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "potion",
+            "train",
+            "--data",
+            str(corpus),
+            *tiny,
+            "--max-steps",
+            "100000",
+            "--eval-every",
+            "1000",
+            "--out",
+            str(run),
+            "--quiet",
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while not (run / "config.json").is_file() and time.time() < deadline:
@@ -408,8 +492,10 @@ def test_a_second_training_on_the_same_run_directory_refuses(corpus, tmp_path):
         assert lock["pid"] == first.pid and lock["host"]
         r = potion("train", "--resume", "--out", run, "--quiet", check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert r.stderr.strip() == (f"potion: error: '{run}' is in use by another training (process {first.pid} on "
-                                    f"{lock['host']}); wait for it to finish or train into another --out")
+        assert r.stderr.strip() == (
+            f"potion: error: '{run}' is in use by another training (process {first.pid} on "
+            f"{lock['host']}); wait for it to finish or train into another --out"
+        )
         assert first.poll() is None  # the first one goes on
     finally:
         first.kill()
@@ -426,12 +512,26 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(corpus, tmp_path, capsys):
     (run / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     from potion.cli import main
 
-    code = main(["train", "--data", str(corpus), *sum((["--set", s] for s in TINY), []), "--max-steps", "5",
-                 "--eval-every", "5", "--out", str(run), "--quiet"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(corpus),
+            *sum((["--set", s] for s in TINY), []),
+            "--max-steps",
+            "5",
+            "--eval-every",
+            "5",
+            "--out",
+            str(run),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0
-    assert f"potion: warning: taking over '{run / LOCK_NAME}' from process {dead.pid}, which is no longer running" \
-        in err
+    assert (
+        f"potion: warning: taking over '{run / LOCK_NAME}' from process {dead.pid}, which is no longer running" in err
+    )
     assert not (run / LOCK_NAME).exists()
     # a lock cut short (its writer killed mid-write) is stale too
     (run / LOCK_NAME).write_text('{"pid": 12')
@@ -440,10 +540,14 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(corpus, tmp_path, capsys):
 
 def test_validation_only_evaluations_leave_training_unchanged(corpus, tmp_path):
     both = train(tiny_config(corpus, "max_steps=10", "eval_every=5"), out=tmp_path / "both", quiet=True)
-    val_only = train(tiny_config(corpus, "max_steps=10", "eval_every=5", "eval_train_split=false"),
-                     out=tmp_path / "val", quiet=True)
-    evals = [json.loads(line) for line in (tmp_path / "val" / "log.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "eval"]
+    val_only = train(
+        tiny_config(corpus, "max_steps=10", "eval_every=5", "eval_train_split=false"), out=tmp_path / "val", quiet=True
+    )
+    evals = [
+        json.loads(line)
+        for line in (tmp_path / "val" / "log.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "eval"
+    ]
     assert [r["step"] for r in evals] == [0, 5, 10] and all(r["train_loss"] is None for r in evals)
     assert val_only["val_loss"] == both["val_loss"] and both["train_loss"] is not None
     assert (tmp_path / "val" / "loss.png").stat().st_size > 0

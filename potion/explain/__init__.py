@@ -11,5 +11,19 @@ from .plot import save_png
 from .schema import Explanation, load_json, load_probes, probe_path, save_json, visible
 from .text import render_text, use_color
 
-__all__ = ["Explanation", "check_probe", "explain", "load_json", "load_probes", "probe_path", "render_html",
-           "render_text", "save_html", "save_json", "save_png", "save_probe", "use_color", "visible"]
+__all__ = [
+    "Explanation",
+    "check_probe",
+    "explain",
+    "load_json",
+    "load_probes",
+    "probe_path",
+    "render_html",
+    "render_text",
+    "save_html",
+    "save_json",
+    "save_png",
+    "save_probe",
+    "use_color",
+    "visible",
+]

@@ -16,10 +16,12 @@ from .schema import Candidate, LogitAttribution, LogitPart
 if TYPE_CHECKING:  # compute.py imports this module; the type is only for reading
     from .compute import TracedForward
 
-LOGIT_ATTRIBUTION_NOTE = ("Direct logit attribution freezes the final norm's scale at its value in this forward pass, "
-                          "so the logit becomes a sum of parts; each part is only the direct effect of what that "
-                          "head, MLP or embedding wrote into the residual stream (what later layers make of it is "
-                          "counted in those layers).")
+LOGIT_ATTRIBUTION_NOTE = (
+    "Direct logit attribution freezes the final norm's scale at its value in this forward pass, "
+    "so the logit becomes a sum of parts; each part is only the direct effect of what that "
+    "head, MLP or embedding wrote into the residual stream (what later layers make of it is "
+    "counted in those layers)."
+)
 
 
 def head_outputs(attention, context: torch.Tensor) -> torch.Tensor:
@@ -47,8 +49,9 @@ def attribution(model, forward: TracedForward, focus: int, target: Candidate) ->
     token_vector = model.token_embedding.weight[token_id].double()
     vectors.append(("token embedding", "token_embedding", -1, -1, token_vector))
     if config.positions == "learned":
-        vectors.append(("position embedding", "position_embedding", -1, -1,
-                        model.position_embedding.weight[focus].double()))
+        vectors.append(
+            ("position embedding", "position_embedding", -1, -1, model.position_embedding.weight[focus].double())
+        )
     for layer, (block, record) in enumerate(zip(model.blocks, forward.trace)):
         per_head = head_outputs(block.attn, record["context"][0])[:, focus]  # (H, C)
         for h in range(config.n_head):
@@ -80,6 +83,7 @@ def attribution(model, forward: TracedForward, focus: int, target: Candidate) ->
         parts.append(LogitPart("final norm bias", "norm_bias", -1, -1, float(direction @ bias.double())))
     logit = float(forward.raw_logits[focus, target.id])
     total = sum(p.contribution for p in parts)
-    attribution = LogitAttribution(target, logit, tuple(parts), total, logit - total, config.logit_softcap,
-                                   LOGIT_ATTRIBUTION_NOTE)
+    attribution = LogitAttribution(
+        target, logit, tuple(parts), total, logit - total, config.logit_softcap, LOGIT_ATTRIBUTION_NOTE
+    )
     return attribution, parts_error

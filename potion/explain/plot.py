@@ -39,8 +39,9 @@ def save_png(e: Explanation, path: str | Path) -> None:
 
     full = e.matrices is not None
     width = 3 + 0.28 * (last - first)
-    fig, axes = plt.subplots(1, 2 if full else 1, figsize=(width * (2 if full else 1), 1.5 + 0.3 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if full else 1, figsize=(width * (2 if full else 1), 1.5 + 0.3 * len(rows)), squeeze=False
+    )
     cmap = matplotlib.colormaps["viridis"].copy()
     cmap.set_bad("#dddddd")  # masked (future) positions
     ax = axes[0, 0]
@@ -65,8 +66,9 @@ def save_png(e: Explanation, path: str | Path) -> None:
         ax.set_title(f"layer {e.layer}, head {e.head}: every token's attention (rows sum to 1)", fontsize=9)
 
     step = f", training step {e.step}" if e.step is not None else ""
-    fig.suptitle(f"potion explain: {e.prompt[:60]!r}{step} — attention weights are not by themselves an explanation",
-                 fontsize=9)
+    fig.suptitle(
+        f"potion explain: {e.prompt[:60]!r}{step} — attention weights are not by themselves an explanation", fontsize=9
+    )
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

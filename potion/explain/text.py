@@ -24,8 +24,12 @@ LIST_LIMIT = 8  # rows in the occlusion and logit-attribution lists
 
 def use_color(stream) -> bool:
     """Colour only for a terminal, and never when NO_COLOR is set (https://no-color.org) or TERM is dumb."""
-    return (hasattr(stream, "isatty") and stream.isatty() and "NO_COLOR" not in os.environ
-            and os.environ.get("TERM") != "dumb")
+    return (
+        hasattr(stream, "isatty")
+        and stream.isatty()
+        and "NO_COLOR" not in os.environ
+        and os.environ.get("TERM") != "dumb"
+    )
 
 
 def terminal_width(default: int = 100) -> int:
@@ -75,8 +79,16 @@ class Style:
 def render_text(e: Explanation, width: int | None = None, color: bool = False) -> str:
     width = width or terminal_width()
     style = Style(color)
-    sections = [header(e, style, width), prediction(e, style), heatmap(e, style, width), head_detail(e, style),
-                worked_example(e, style), logit_lens(e, style, width), what_mattered(e, style), checks(e, style)]
+    sections = [
+        header(e, style, width),
+        prediction(e, style),
+        heatmap(e, style, width),
+        head_detail(e, style),
+        worked_example(e, style),
+        logit_lens(e, style, width),
+        what_mattered(e, style),
+        checks(e, style),
+    ]
     sections.append(style.dim(e.notes[0]))
     text = "\n\n".join(s for s in sections if s)
     return "\n".join(fit(line, width) for line in text.split("\n")) + "\n"
@@ -94,9 +106,13 @@ def fit(line: str, width: int) -> str:
 def header(e: Explanation, style: Style, width: int) -> str:
     m = e.model
     focus = e.tokens[e.focus]
-    lines = [style.bold(f"potion explain: {m.n_layer} layers × {m.n_head} heads (head size {m.head_dim}), "
-                        f"{m.tokenizer} tokens, a prompt of {len(e.tokens)} tokens")
-             + (f", training step {e.step}" if e.step is not None else "")]
+    lines = [
+        style.bold(
+            f"potion explain: {m.n_layer} layers × {m.n_head} heads (head size {m.head_dim}), "
+            f"{m.tokenizer} tokens, a prompt of {len(e.tokens)} tokens"
+        )
+        + (f", training step {e.step}" if e.step is not None else "")
+    ]
     line = "tokens: "
     for t in e.tokens:
         cell = f"{t.index}:{t.label}" if t.index != e.focus else f"[{t.index}:{t.label}]"
@@ -116,15 +132,19 @@ def bar(fraction: float, cells: int = 20) -> str:
 
 
 def prediction(e: Explanation, style: Style) -> str:
-    lines = [style.bold(f"Next token after token {e.focus} {quoted(e.tokens[e.focus].label)}") +
-             "  (final linear layer + softmax over the vocabulary)"]
+    lines = [
+        style.bold(f"Next token after token {e.focus} {quoted(e.tokens[e.focus].label)}")
+        + "  (final linear layer + softmax over the vocabulary)"
+    ]
     for c in e.prediction:
         lines.append(f"  {c.rank:>3}. {clip(quoted(c.label), 14):<14} {c.probability:7.3f}  {bar(c.probability)}")
     if e.expected:
         x = e.expected
         more = f" (the first of its {x.tokens_in_text} tokens)" if x.tokens_in_text > 1 else ""
-        lines.append(f"  expected {quoted(x.candidate.label)}{more}: rank {x.candidate.rank}, "
-                     f"probability {x.candidate.probability:.4f}")
+        lines.append(
+            f"  expected {quoted(x.candidate.label)}{more}: rank {x.candidate.rank}, "
+            f"probability {x.candidate.probability:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -155,13 +175,18 @@ def heatmap(e: Explanation, style: Style, width: int) -> str:
     shown = range(first, last + 1)
     widths = {i: max(1, display_width(columns[i])) for i in shown}
     lead = "…" if first > 0 else " "
-    lines = [style.bold(f"Attention of token {e.focus} {quoted(e.tokens[e.focus].label)}") +
-             ": the weight on each earlier token, per layer (L) and head (H)",
-             " " * label_width + lead + " " + " ".join(columns[i] + " " * (widths[i] - display_width(columns[i]))
-                                                      for i in shown)]
+    lines = [
+        style.bold(f"Attention of token {e.focus} {quoted(e.tokens[e.focus].label)}")
+        + ": the weight on each earlier token, per layer (L) and head (H)",
+        " " * label_width
+        + lead
+        + " "
+        + " ".join(columns[i] + " " * (widths[i] - display_width(columns[i])) for i in shown),
+    ]
     for name, weights in heatmap_rows(e):
-        cells = " ".join(style.heat(weights[i], widths[i]) if i <= e.focus else style.dim("×" * widths[i])
-                         for i in shown)
+        cells = " ".join(
+            style.heat(weights[i], widths[i]) if i <= e.focus else style.dim("×" * widths[i]) for i in shown
+        )
         lines.append(f"{name:<{label_width}}{lead} {cells}")
     key = "digit = tenths of the weight" if style.color else f"shades {SHADES[1:]} = 5 %, 25 %, 50 %, 75 % and more"
     hidden = f"; tokens {first}..{last} of {len(columns)} fit the width" if first > 0 or last + 1 < len(columns) else ""
@@ -173,16 +198,19 @@ def heatmap(e: Explanation, style: Style, width: int) -> str:
 
 def head_detail(e: Explanation, style: Style) -> str:
     h: HeadAttention = e.head_attention(e.layer, e.head)
-    lines = [style.bold(f"Layer {e.layer}, head {e.head}") + " (choose with --layer/--head): the query of token "
-             f"{e.focus} (what it looks for) against each key (what a token offers)",
-             f"  {'key token':<16}{'q·k':>9}{f'÷√{e.model.head_dim}':>9}{'weight':>9}{'|value|':>9}{'weight×|v|':>12}"]
+    lines = [
+        style.bold(f"Layer {e.layer}, head {e.head}") + " (choose with --layer/--head): the query of token "
+        f"{e.focus} (what it looks for) against each key (what a token offers)",
+        f"  {'key token':<16}{'q·k':>9}{f'÷√{e.model.head_dim}':>9}{'weight':>9}{'|value|':>9}{'weight×|v|':>12}",
+    ]
     for k in h.keys:
-        lines.append(f"  {clip(f'{k.index} {quoted(k.label)}', 15):<16}{k.score:9.3f}{k.scaled_score:9.3f}"
-                     f"{k.weight:9.3f}{k.value_norm:9.3f}{k.weighted_value_norm:12.3f}")
+        lines.append(
+            f"  {clip(f'{k.index} {quoted(k.label)}', 15):<16}{k.score:9.3f}{k.scaled_score:9.3f}"
+            f"{k.weight:9.3f}{k.value_norm:9.3f}{k.weighted_value_norm:12.3f}"
+        )
     if h.other_weight > 0:
         lines.append(f"  {'(the other keys)':<34}{h.other_weight:9.3f}")
-    masked = (f"tokens {e.masked[0]}..{e.masked[-1]} are masked (weight 0)" if e.masked
-              else "no later tokens to mask")
+    masked = f"tokens {e.masked[0]}..{e.masked[-1]} are masked (weight 0)" if e.masked else "no later tokens to mask"
     lines.append(f"  row sum {h.row_sum:.4f} (softmax weights always sum to 1); {masked}")
     lines.append(style.dim("  value = what a token passes on; the context vector is the weighted mix of the values"))
     return "\n".join(lines)
@@ -199,15 +227,21 @@ def worked_example(e: Explanation, style: Style) -> str:
     terms = " + ".join(f"{q:.3f}×{k:.3f}" for q, k in zip(w.query_entries, w.key_entries))
     rest = f" + ({more} more terms: {w.rest_of_dot_product:.3f})" if more else ""
     exp_of = f"exp({w.scaled_score:.3f} − {w.shift:.3f})" if w.shift else f"exp({w.scaled_score:.3f})"
-    lines = [style.bold(f"Worked example: query of token {w.query_index} · key of token {w.key_index} "
-                        f"(layer {e.layer}, head {e.head}, the most-attended pair)"),
-             f"  q = {vector(w.query_entries)}  ({w.head_dim} entries)",
-             f"  k = {vector(w.key_entries)}",
-             f"  q·k = {terms}{rest} = {w.dot_product:.4f}",
-             f"  scaled = {w.dot_product:.4f} / √{w.head_dim} = {w.scaled_score:.4f}",
-             (f"  {exp_of} = {w.exp_score:.4f}; the same summed over the {w.query_index + 1} visible keys = "
-              f"{w.exp_sum:.4f}"),
-             f"  weight = {w.exp_score:.4f} / {w.exp_sum:.4f} = {w.weight:.4f}"]
+    lines = [
+        style.bold(
+            f"Worked example: query of token {w.query_index} · key of token {w.key_index} "
+            f"(layer {e.layer}, head {e.head}, the most-attended pair)"
+        ),
+        f"  q = {vector(w.query_entries)}  ({w.head_dim} entries)",
+        f"  k = {vector(w.key_entries)}",
+        f"  q·k = {terms}{rest} = {w.dot_product:.4f}",
+        f"  scaled = {w.dot_product:.4f} / √{w.head_dim} = {w.scaled_score:.4f}",
+        (
+            f"  {exp_of} = {w.exp_score:.4f}; the same summed over the {w.query_index + 1} visible keys = "
+            f"{w.exp_sum:.4f}"
+        ),
+        f"  weight = {w.exp_score:.4f} / {w.exp_sum:.4f} = {w.weight:.4f}",
+    ]
     if w.note:
         lines.append(style.dim(f"  ({w.note})"))
     return "\n".join(lines)
@@ -215,8 +249,10 @@ def worked_example(e: Explanation, style: Style) -> str:
 
 def logit_lens(e: Explanation, style: Style, width: int) -> str:
     target = quoted(e.target.label)
-    lines = [style.bold("Prediction after each layer") + " (logit lens: the final norm and output layer applied to "
-             f"the residual stream there); target {target} = {e.target_reason}"]
+    lines = [
+        style.bold("Prediction after each layer") + " (logit lens: the final norm and output layer applied to "
+        f"the residual stream there); target {target} = {e.target_reason}"
+    ]
     for row in e.lens:
         mark = f"  ← enters the top-{e.top_k} here" if row.name == e.target_enters_top_k else ""
         head = f"  {row.name:<11} target rank {row.target_rank:>5} p {row.target_probability:6.3f} | "
@@ -235,8 +271,10 @@ def logit_lens(e: Explanation, style: Style, width: int) -> str:
 
 def what_mattered(e: Explanation, style: Style) -> str:
     a = e.attribution
-    lines = [style.bold(f"What mattered for {quoted(e.target.label)}") + f" ({e.target_reason}, probability "
-             f"{e.target.probability:.4f})"]
+    lines = [
+        style.bold(f"What mattered for {quoted(e.target.label)}") + f" ({e.target_reason}, probability "
+        f"{e.target.probability:.4f})"
+    ]
     if e.occlusion:
         lines.append("  removing one earlier token (occlusion): change in its probability")
         for o in sorted(e.occlusion, key=lambda o: -abs(o.change))[:LIST_LIMIT]:
@@ -253,14 +291,17 @@ def what_mattered(e: Explanation, style: Style) -> str:
         lines.append(f"    {f'the other {len(rest)} parts':<26}{sum(p.contribution for p in rest):+9.4f}")
     lines.append(f"    {'sum of the parts':<26}{a.parts_sum:+9.4f}   (logit − sum = {a.difference:.1e})")
     if a.softcap:
-        lines.append(f"    the model's softcap then gives {a.softcap} × tanh(logit / {a.softcap}) = "
-                     f"{a.target.logit:.4f}")
+        lines.append(
+            f"    the model's softcap then gives {a.softcap} × tanh(logit / {a.softcap}) = {a.target.logit:.4f}"
+        )
     lines.append(style.dim("  " + a.note))
     return "\n".join(lines)
 
 
 def checks(e: Explanation, style: Style) -> str:
     c = e.checks
-    return style.dim(f"checks (largest differences): rows sum to 1 ±{c.row_sum:.0e}; heads through the output "
-                     f"projection = attn_out ±{c.heads_to_attention_output:.0e}; parts = residual stream "
-                     f"±{c.parts_to_residual:.0e}; logits = generate's ±{c.logits_vs_generate:.0e}")
+    return style.dim(
+        f"checks (largest differences): rows sum to 1 ±{c.row_sum:.0e}; heads through the output "
+        f"projection = attn_out ±{c.heads_to_attention_output:.0e}; parts = residual stream "
+        f"±{c.parts_to_residual:.0e}; logits = generate's ±{c.logits_vs_generate:.0e}"
+    )
