@@ -70,7 +70,7 @@ def test_page_loads_offline_and_click_changes_attention(browser, tmp_path):
 def test_long_prompt_page_shows_the_focus_only(browser, tmp_path, monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("potion.explain.compute"), "MATRIX_BUDGET", 50)
+    monkeypatch.setattr(importlib.import_module("potion.explain.attention"), "MATRIX_BUDGET", 50)
     model, tok = tiny()
     path = tmp_path / "long.html"
     save_html(explain(model, "ROMEO: abcdefghijklm", tok), path)
