@@ -1,6 +1,7 @@
 """Nothing lost: exact resume after a kill, checkpoints that are never half-read, NaN steps skipped, no pickle,
 one training per run directory."""
 
+import dataclasses
 import errno
 import importlib
 import json
@@ -25,7 +26,7 @@ from potion.config import ModelConfig, resolve
 from potion.errors import PotionError
 from potion.model import GPT
 from potion.optim import make_optimizer
-from potion.run import LOCK_NAME
+from potion.run import LOCK_NAME, RunLock
 from potion.train import train
 
 training_loop = importlib.import_module("potion.train")  # the module: potion.train is also the function
@@ -447,7 +448,9 @@ def test_a_planted_pickle_is_never_run(corpus, tmp_path):
         (run / name).write_bytes(payload)
     from potion import load
 
-    load(run)
+    loaded = load(run)  # resolves the run once: its folder, config, model and tokenizer
+    model, tokenizer = loaded
+    assert loaded.run_dir == run and loaded.config.model == model.config and tokenizer is loaded.tokenizer
     potion("generate", "--model", run, "--max-new-tokens", 5, "--seed", 0)
     potion("eval", "--model", run)
     train(tiny_config(corpus, "max_steps=10", "eval_every=5"), run, resume=True, quiet=True)
@@ -502,6 +505,37 @@ def test_a_second_training_on_the_same_run_directory_refuses(corpus, tmp_path):
         first.wait()
 
 
+def test_the_lock_is_held_by_the_kernel_and_released_when_its_holder_is_killed(corpus, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):  # a lock is per open file: a second one fails even in the same process
+        with pytest.raises(PotionError, match=rf"in use by another training \(process {os.getpid()} on "):
+            RunLock(run).__enter__()
+    assert not (run / LOCK_NAME).exists()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from potion.run import RunLock; RunLock(__import__('pathlib').Path({str(run)!r}))"
+            ".__enter__(); print('locked', flush=True); __import__('time').sleep(600)",
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(PotionError, match=f"process {holder.pid} on "):
+            RunLock(run).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with pytest.warns(UserWarning, match=f"taking over .* from process {holder.pid}, which is no longer running"):
+        with RunLock(run):  # the kernel let go of the killed holder's lock at once; its file is taken over
+            assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
 def test_a_lock_left_by_a_dead_process_is_taken_over(corpus, tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -551,3 +585,12 @@ def test_validation_only_evaluations_leave_training_unchanged(corpus, tmp_path):
     assert [r["step"] for r in evals] == [0, 5, 10] and all(r["train_loss"] is None for r in evals)
     assert val_only["val_loss"] == both["val_loss"] and both["train_loss"] is not None
     assert (tmp_path / "val" / "loss.png").stat().st_size > 0
+
+
+def test_loop_state_round_trips_through_state_json_and_reads_the_older_window_list():
+    state = training_loop.LoopState(step=40, tokens=4096, best_val_loss=1.5, nonfinite_steps=3)
+    state.log_window = training_loop.LogWindow(steps=7, nonfinite=1, loss_sum=12.25)
+    saved = json.loads(json.dumps({**dataclasses.asdict(state), "val_loss": None}))
+    assert training_loop.LoopState.from_dict(saved) == state
+    older = {**saved, "log_window": [12.25, 7, 6, 1]}  # sum, steps, finite steps, non-finite steps
+    assert training_loop.LoopState.from_dict(older) == state
