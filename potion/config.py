@@ -232,7 +232,10 @@ def find_field(key: str) -> tuple[str, dataclasses.Field]:
 def set_value(config: RunConfig, key: str, value: Any, source: str) -> RunConfig:
     """Set one field ('n_layer' or 'model.n_layer') to a value of its type."""
     section, f = find_field(key)
-    value = _coerce(value, f, source)
+    return _with_field(config, section, f, _coerce(value, f, source))
+
+
+def _with_field(config: RunConfig, section: str, f: dataclasses.Field, value: Any) -> RunConfig:
     return replace(config, **{section: replace(getattr(config, section), **{f.name: value})})
 
 
@@ -242,8 +245,8 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         if "=" not in item:
             raise PotionError(f"--set expects KEY=VALUE, got {item!r}")
         key, text = (part.strip() for part in item.split("=", 1))
-        source = f"--set {key}"
-        config = set_value(config, key, _parse_text_value(text, find_field(key)[1], source), source)
+        section, f = find_field(key)
+        config = _with_field(config, section, f, _parse_text_value(text, f, f"--set {key}"))
     return config
 
 

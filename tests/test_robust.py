@@ -64,6 +64,12 @@ def tiny_config(corpus, *extra):
     return resolve("tiny", None, [*TINY, f"data={corpus}", *extra])
 
 
+def tiny_training_argv(corpus, *args):
+    """The command line of a tiny training on the test corpus, as a subprocess runs it."""
+    tiny = [a for s in TINY for a in ("--set", s)]
+    return [sys.executable, "-m", "potion", "train", "--data", str(corpus), *tiny, *map(str, args)]
+
+
 def potion(*args, check=True, timeout=300):
     result = subprocess.run(
         [sys.executable, "-m", "potion", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
@@ -120,19 +126,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(corpus, tmp_pat
     kills, kills_after_a_checkpoint, finished, mid_write = 0, 0, False, 0
     while kills < 6:
         resume = ["--resume"] if (run / "config.json").is_file() else []
-        args = [
-            sys.executable,
-            "-m",
-            "potion",
-            "train",
-            "--data",
-            str(corpus),
-            *sum((["--set", s] for s in TINY), []),
-            *map(str, KILL_RUN),
-            "--out",
-            str(run),
-            *resume,
-        ]
+        args = tiny_training_argv(corpus, *KILL_RUN, "--out", run, *resume)
         before = latest_step(run)
         process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         # The first kill lands at a random moment of start-up; the others a random time after the new process
@@ -465,24 +459,8 @@ def test_a_planted_pickle_is_never_run(corpus, tmp_path):
 
 def test_a_second_training_on_the_same_run_directory_refuses(corpus, tmp_path):
     run = tmp_path / "run"
-    tiny = sum((["--set", s] for s in TINY), [])
     first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "potion",
-            "train",
-            "--data",
-            str(corpus),
-            *tiny,
-            "--max-steps",
-            "100000",
-            "--eval-every",
-            "1000",
-            "--out",
-            str(run),
-            "--quiet",
-        ],
+        tiny_training_argv(corpus, "--max-steps", 100000, "--eval-every", 1000, "--out", run, "--quiet"),
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
