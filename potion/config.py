@@ -79,9 +79,9 @@ class DataConfig:
         _check_choice("tokenizer", self.tokenizer, ("char", "bpe"))
         if not 0.0 < self.val_fraction < 1.0:
             raise PotionError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.bpe_vocab_size < 260:
+        if self.bpe_vocab_size < 257:
             raise PotionError(
-                f"data.bpe_vocab_size must be at least 260 (256 bytes + merges), got {self.bpe_vocab_size}"
+                f"data.bpe_vocab_size must be at least 257 (256 bytes + end of text), got {self.bpe_vocab_size}"
             )
 
 
@@ -114,6 +114,7 @@ class TrainConfig:
     sample_tokens: int = 200  # length of the sample printed at each evaluation; 0 = none
     probe: str = ""  # a prompt whose explain data is saved at each evaluation (run_dir/probes/); "" = none
     seed: int = 1337
+    init_from: str = ""  # start from this model's weights and tokenizer: a run, a Hugging Face folder or name
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | bf16 | fp32
     compile: str = "off"  # auto | on | off

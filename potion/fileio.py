@@ -7,11 +7,13 @@ one PotionError naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from safetensors import SafetensorError
 
@@ -85,3 +87,28 @@ def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     hash_file(h, path)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def new_folder(path: Path) -> Iterator[Path]:
+    """Fill a temporary folder beside `path`, which becomes `path` in one rename when the block succeeds.
+
+    `path` must not exist or be empty; on any error the temporary folder is removed and nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise PotionError(f"'{path}' already exists; choose another --out or remove it")
+    tmp = temporary_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if path.is_dir():
+            path.rmdir()  # empty, checked above
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_failed(path, e) from e
+        raise
+    fsync_dir(path.parent)

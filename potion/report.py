@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .config import RunConfig
+from .evaluate import bits_per_byte
 from .explain import save_probe
 from .generate import generate_tokens
 from .hardware import matmul_peak_tflops
@@ -97,6 +98,7 @@ def report_evaluation(t: Training, done: bool) -> None:
         tokens=state.tokens,
         train_loss=train_loss,
         val_loss=val_loss,
+        val_bits_per_byte=bits_per_byte(val_loss, t.val_bytes_per_token),
         best_val_loss=state.best_val_loss,
         nonfinite_steps=state.nonfinite_steps,
         elapsed=round(time.time() - progress.started, 3),

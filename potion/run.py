@@ -27,6 +27,9 @@ from .checkpoint import load_model_state, load_tensors
 from .config import RunConfig
 from .errors import PotionError
 from .fileio import atomic_write, atomic_write_text, is_leftover
+from .hf.gpt2 import is_hf_model
+from .hf.gpt2 import read_model as read_hf_model
+from .hf.hub import model_folder
 from .model import GPT
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -156,19 +159,26 @@ class LoadedRun:
 
 
 def load(run_dir: str | Path | None = None, device: str = "cpu") -> LoadedRun:
-    """Load a trained model and its tokenizer from a run directory (default: the latest under ./runs)."""
-    saved = find_run(run_dir)
-    model_config, folder = saved.config.model, saved.path
+    """Load a trained model and its tokenizer from a run directory (default: the latest under ./runs), a Hugging
+    Face GPT-2 folder, or a Hugging Face model name such as `gpt2`."""
+    folder = latest_run() if run_dir is None else model_folder(run_dir)
+    config, tokenizer, weights = read_hf_model(folder) if is_hf_model(folder) else read_run(folder)
+    model = GPT(config.model)
+    load_model_state(model, weights, str(folder))
+    model.to(device).eval()
+    return LoadedRun(folder, config, model, tokenizer)
+
+
+def read_run(folder: Path) -> tuple[RunConfig, Tokenizer, dict]:
+    """A potion run directory's config, tokenizer and weights, checked to belong together."""
+    config = read_config(folder)
     tokenizer = load_tokenizer(folder / "tokenizer.json")
-    if tokenizer.vocab_size != model_config.vocab_size:
+    if tokenizer.vocab_size != config.model.vocab_size:
         raise PotionError(
             f"'{folder}/tokenizer.json' has {tokenizer.vocab_size} tokens but the model expects "
-            f"{model_config.vocab_size}: the tokenizer does not belong to this model"
+            f"{config.model.vocab_size}: the tokenizer does not belong to this model"
         )
-    model = GPT(model_config)
-    load_model_state(model, load_tensors(folder / "model.safetensors"), str(folder / "model.safetensors"))
-    model.to(device).eval()
-    return LoadedRun(folder, saved.config, model, tokenizer)
+    return config, tokenizer, load_tensors(folder / "model.safetensors")
 
 
 def with_vocabulary(config: RunConfig, tokenizer: Tokenizer) -> RunConfig:
@@ -271,8 +281,7 @@ class RunLog:
         return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
     def rows(self) -> list[dict]:
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-        return [row for line in lines if (row := self.parse(line)) is not None]
+        return read_log(self.path)
 
     def write(self, **row) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -280,6 +289,12 @@ class RunLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a log.jsonl, skipping a line cut short by a killed process."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [row for line in lines if (row := RunLog.parse(line)) is not None]
 
 
 def plot_losses(run_dir: Path, rows: list[dict]) -> None:

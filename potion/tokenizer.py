@@ -75,6 +75,18 @@ class CharTokenizer:
     def to_json(self) -> str:
         return json.dumps({"type": "potion-char", "eot": EOT, "chars": self.chars}, ensure_ascii=False)
 
+    def to_hf_json(self) -> str:
+        """The same vocabulary as a Hugging Face tokenizer.json: a BPE with no merges splits text into characters,
+        each looked up as itself; <|endoftext|> is a special token; decoding joins the pieces as they are."""
+        from tokenizers import AddedToken, decoders, models
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {**self.index, EOT: self.eot_id}
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        tk.decoder = decoders.Fuse()
+        tk.add_special_tokens([AddedToken(EOT, special=True)])
+        return tk.to_str()
+
 
 class BPETokenizer:
     """Byte-level BPE from the `tokenizers` library: any Unicode text round-trips exactly."""
@@ -126,6 +138,9 @@ class BPETokenizer:
 
     def to_json(self) -> str:
         return self.tk.to_str()
+
+    def to_hf_json(self) -> str:
+        return self.to_json()  # already a Hugging Face tokenizer.json
 
 
 Tokenizer = CharTokenizer | BPETokenizer

@@ -18,7 +18,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .data import Batches, absolute_data, fixed_batches, prepare
 from .errors import PotionError
-from .evaluate import estimate_loss
+from .evaluate import bytes_per_token, estimate_loss
 from .explain import check_probe
 from .fileio import atomic_write_text
 from .hardware import autocast, maybe_compile, pick_device, pick_dtype, set_threads
@@ -98,6 +98,7 @@ class Training:
     tokenizer: Tokenizer
     batches: Batches
     eval_sets: dict
+    val_bytes_per_token: float  # turns the validation loss into bits per byte
     run_log: RunLog
     tally: StepTally
     state: LoopState
@@ -201,6 +202,7 @@ def start(
         tokenizer=tokenizer,
         batches=batches,
         eval_sets=eval_sets,
+        val_bytes_per_token=bytes_per_token(tokenizer, eval_sets["val"]),
         run_log=RunLog(run_dir / "log.jsonl", state.step if resume else None),
         tally=StepTally(
             device, optimizers, state.nonfinite_steps, state.log_window.nonfinite, state.log_window.loss_sum
