@@ -26,6 +26,7 @@ TRAIN_FIELD_FLAGS = {
     "device": "train.device",
     "seed": "train.seed",
     "probe": "train.probe",
+    "init_from": "train.init_from",
 }
 
 
@@ -36,14 +37,18 @@ def print_json(body: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from .config import resolve
-    from .run import find_run
+    from .config import load_preset, resolve, with_architecture
+    from .run import find_run, source_config
     from .train import train
 
     values = {key: getattr(args, flag) for flag, key in TRAIN_FIELD_FLAGS.items() if getattr(args, flag) is not None}
     if args.resume:  # start from the run's own config; flags may change only when and how long it trains
         out = find_run(args.out)
         config = resolve(args.preset, args.config, args.set, base=out.config, values=values)
+    elif args.init_from:  # the architecture and tokenizer of the model it starts from; training settings as given
+        out = args.out
+        base = with_architecture(load_preset(args.preset or "gpt2-finetune"), source_config(args.init_from))
+        config = resolve(None, args.config, args.set, base=base, values=values)
     else:
         out = args.out
         config = resolve(args.preset or "tiny", args.config, args.set, values=values)
@@ -158,6 +163,22 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .hf.convert import import_model
+
+    out = import_model(args.source, args.out)
+    print(f"wrote {out}; try: potion generate --model {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .hf.convert import export_model
+
+    out, architecture = export_model(args.model, args.out)
+    print(f"wrote {out} ({architecture}); load it with transformers' AutoModelForCausalLM.from_pretrained('{out}')")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .config import load_preset, preset_names
 
@@ -170,8 +191,11 @@ def cmd_presets(args) -> int:
 # ---------------------------------------------------------------- arguments
 
 
+MODEL_HELP = "run directory, Hugging Face GPT-2 folder or model name such as gpt2 (default: the latest run)"
+
+
 def add_model_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="run directory (default: the latest under ./runs)")
+    parser.add_argument("--model", help=MODEL_HELP)
 
 
 def add_train(sub) -> None:
@@ -182,6 +206,12 @@ def add_train(sub) -> None:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field")
     t.add_argument("--out", help="run directory (default: a new folder under ./runs)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out (default: the latest run)")
+    t.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="fine-tune: start from this run, Hugging Face folder or model name (its architecture and tokenizer; "
+        "default preset gpt2-finetune)",
+    )
     t.add_argument("--max-steps", type=int)
     t.add_argument("--max-time", type=float, help="wall-clock budget in seconds; then evaluate, save and stop")
     t.add_argument("--eval-every", type=int)
@@ -250,13 +280,27 @@ def add_explain(sub) -> None:
     x.set_defaults(func=cmd_explain)
 
 
+def add_import(sub) -> None:
+    i = sub.add_parser("import", help="write a potion run directory for a Hugging Face GPT-2 (folder or name)")
+    i.add_argument("source", metavar="MODEL", help="a Hugging Face GPT-2 folder, or a name such as gpt2")
+    i.add_argument("--out", required=True, help="the run directory to write (must not exist)")
+    i.set_defaults(func=cmd_import)
+
+
+def add_export(sub) -> None:
+    e = sub.add_parser("export", help="write a folder that Hugging Face transformers loads (from_pretrained)")
+    e.add_argument("model", nargs="?", metavar="RUN", help="the run directory (default: the latest under ./runs)")
+    e.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    e.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="potion", description="Train a small GPT on your own text, sample from it, look inside."
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_generate, add_eval, add_explain):
+    for add in (add_train, add_generate, add_eval, add_explain, add_import, add_export):
         add(sub)
     sub.add_parser("presets", help="list the built-in presets").set_defaults(func=cmd_presets)
     return parser

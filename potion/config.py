@@ -251,6 +251,35 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     return config
 
 
+# Model fields a fine-tuning run may change from the model it starts from: dropout, and a shorter context.
+FINE_TUNE_CHANGES = ("dropout", "context_length")
+
+
+def with_architecture(config: RunConfig, source: RunConfig) -> RunConfig:
+    """config, with the model and tokenizer of the run or model it starts from (--init-from); dropout stays."""
+    model = replace(source.model, dropout=config.model.dropout)
+    data = replace(config.data, tokenizer=source.data.tokenizer, bpe_vocab_size=source.data.bpe_vocab_size)
+    return replace(config, model=model, data=data)
+
+
+def check_architecture(config: ModelConfig, source: ModelConfig, name: str) -> None:
+    """A fine-tuning run keeps the architecture of the model it starts from; only FINE_TUNE_CHANGES may differ."""
+    if config.context_length > source.context_length:
+        raise PotionError(
+            f"model.context_length = {config.context_length} is longer than the context of --init-from {name} "
+            f"({source.context_length}); choose at most {source.context_length}",
+            setting="context_length",
+        )
+    for f in fields(ModelConfig):
+        ours, theirs = getattr(config, f.name), getattr(source, f.name)
+        if f.name not in FINE_TUNE_CHANGES and ours != theirs:
+            raise PotionError(
+                f"model.{f.name} = {ours!r} contradicts the model in --init-from {name}, which has {theirs!r}; "
+                "leave it out: the architecture comes from the model you start from",
+                setting=f.name,
+            )
+
+
 def merge(config: RunConfig, d: dict, source: str) -> RunConfig:
     """Overlay a partial {section: {key: value}} dict (from a TOML file) on a config."""
     unknown = set(d) - set(SECTIONS)

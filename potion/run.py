@@ -29,6 +29,7 @@ from .errors import PotionError
 from .fileio import atomic_write, atomic_write_text, is_leftover
 from .hf.gpt2 import is_hf_model
 from .hf.gpt2 import read_model as read_hf_model
+from .hf.gpt2 import read_run_config as read_hf_config
 from .hf.hub import model_folder
 from .model import GPT
 from .tokenizer import Tokenizer, load_tokenizer
@@ -167,6 +168,12 @@ def load(run_dir: str | Path | None = None, device: str = "cpu") -> LoadedRun:
     load_model_state(model, weights, str(folder))
     model.to(device).eval()
     return LoadedRun(folder, config, model, tokenizer)
+
+
+def source_config(spec: str | Path) -> RunConfig:
+    """The config of a run directory, Hugging Face folder or model name, without reading its weights."""
+    folder = model_folder(spec)
+    return read_hf_config(folder) if is_hf_model(folder) else read_config(folder)
 
 
 def read_run(folder: Path) -> tuple[RunConfig, Tokenizer, dict]:

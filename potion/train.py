@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import RunConfig
+from .config import RunConfig, check_architecture
 from .data import Batches, absolute_data, fixed_batches, prepare
 from .errors import PotionError
 from .evaluate import bytes_per_token, estimate_loss
@@ -32,13 +32,14 @@ from .run import (
     SavedRun,
     check_resumable,
     find_run,
+    load,
     new_run_dir,
     refuse_existing,
     remove_leftovers,
     with_vocabulary,
     write_config,
 )
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 LOG_EVERY = 10  # steps between loss read-backs from the device (on a GPU each one waits for the queued work)
 
@@ -123,7 +124,8 @@ def train(
     if not resume:
         refuse_existing(run_dir)
     device = pick_device(config.train.device)
-    token_file = prepare(config.data, quiet=quiet)
+    tokenizer, init_weights = fine_tune_source(config, run_dir, resume)
+    token_file = prepare(config.data, tokenizer=tokenizer, quiet=quiet)
     config = with_vocabulary(config, token_file.tokenizer)
     data = training_data(config, token_file)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
@@ -131,7 +133,7 @@ def train(
         if not resume:
             refuse_existing(run_dir)  # another training may have filled it since the first look
         remove_leftovers(run_dir)
-        t = start(config, run_dir, device, token_file.tokenizer, data, resume, quiet, started)
+        t = start(config, run_dir, device, token_file.tokenizer, data, resume, quiet, started, init_weights)
         try:
             run_loop(t)
         finally:
@@ -147,6 +149,21 @@ def resumed_run_dir(out: str | Path | SavedRun | None, config: RunConfig) -> Pat
     saved = out if isinstance(out, SavedRun) else find_run(out)
     check_resumable(saved.path, saved.config, config)
     return saved.path
+
+
+def fine_tune_source(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Tokenizer | None, dict | None]:
+    """With init_from: the tokenizer the data is tokenized with, and the weights training starts from (none when
+    resuming from a checkpoint, which holds its own). Without: nothing; the data's own tokenizer is trained."""
+    if not config.train.init_from:
+        return None, None
+    if resume and ckpt.complete_checkpoints(run_dir):
+        return load_tokenizer(run_dir / "tokenizer.json"), None
+    source = load(config.train.init_from)
+    check_architecture(config.model, source.config.model, config.train.init_from)
+    weights = ckpt.model_state(source.model)
+    if config.model.positions == "learned":  # a shorter context keeps the first rows of the position table
+        weights["position_embedding.weight"] = weights["position_embedding.weight"][: config.model.context_length]
+    return source.tokenizer, weights
 
 
 def training_data(config: RunConfig, token_file) -> tuple[Batches, dict, int]:
@@ -172,6 +189,7 @@ def start(
     resume: bool,
     quiet: bool,
     started: float,
+    init_weights: dict | None = None,
 ) -> Training:
     """Write the run's config and tokenizer, build the model and optimizers, and restore a checkpoint if resuming."""
     tc = config.train
@@ -184,7 +202,10 @@ def start(
         atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
 
     torch.manual_seed(tc.seed)  # the initial weights, and dropout's draws from here on
-    model = GPT(config.model).to(device)
+    model = GPT(config.model)
+    if init_weights is not None:
+        ckpt.load_model_state(model, init_weights, config.train.init_from)
+    model.to(device)
     optimizers = make_optimizer(model, tc, device.type)
     restored = ckpt.load_latest_checkpoint(run_dir, model, optimizers) if resume else None
     state = LoopState() if restored is None else resume_from(restored, batches, run_dir)

@@ -37,16 +37,21 @@ def is_hf_model(folder: Path) -> bool:
 
 def read_model(folder: Path) -> tuple[RunConfig, Tokenizer, dict[str, torch.Tensor]]:
     """The run config, tokenizer and potion-named weights of a Hugging Face GPT-2 folder."""
-    model = model_config(read_json(folder / "config.json"), folder)
+    config = read_run_config(folder)
     tokenizer = read_tokenizer(folder)
-    if tokenizer.vocab_size != model.vocab_size:
+    if tokenizer.vocab_size != config.model.vocab_size:
         raise PotionError(
             f"the tokenizer in '{folder}' has {tokenizer.vocab_size} tokens but config.json says vocab_size "
-            f"{model.vocab_size}"
+            f"{config.model.vocab_size}"
         )
-    weights = to_potion(read_weights(folder, model), model)
-    data = DataConfig(data="", tokenizer="bpe", bpe_vocab_size=tokenizer.vocab_size)
-    return RunConfig(model=model, data=data, train=TrainConfig(init_from=str(folder))), tokenizer, weights
+    return config, tokenizer, to_potion(read_weights(folder, config.model), config.model)
+
+
+def read_run_config(folder: Path) -> RunConfig:
+    """A Hugging Face GPT-2 folder's config.json as a potion run config: no training data, a byte-level BPE."""
+    model = model_config(read_json(folder / "config.json"), folder)
+    data = DataConfig(data="", tokenizer="bpe", bpe_vocab_size=model.vocab_size)
+    return RunConfig(model=model, data=data, train=TrainConfig(init_from=str(folder)))
 
 
 def read_json(path: Path) -> dict:

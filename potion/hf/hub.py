@@ -39,13 +39,15 @@ def model_folder(spec: str | Path) -> Path:
 
 def hub_snapshot(repo_id: str) -> Path:
     """The cached snapshot of a Hub model, downloading it if it is not cached and the network allows."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES, local_files_only=True))
     except Exception:  # not cached (the library's own exception types, which vary between its versions)
         pass
     try:
+        if constants.HF_HUB_OFFLINE:
+            raise ConnectionError("HF_HUB_OFFLINE is set")
         folder = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES))
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
