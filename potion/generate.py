@@ -9,6 +9,7 @@ import copy
 import functools
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,6 +22,7 @@ from .model import KVCache
 # Under about this many bytes of fp32 weights a CPU decode step is bound by per-operation overhead rather than by
 # reading the weights, so bf16 weights gain nothing (measured: 0.8M parameters, 0.94x; 3.2M, 1.28x; 10.8M, 1.72x).
 BF16_DECODE_MIN_BYTES = 8 * 2**20
+DECODING_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its versions, decode copy)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -95,10 +97,18 @@ def decoding_dtype(model, decode_dtype: str = "auto") -> torch.dtype:
 
 def decoding_model(model, dtype: torch.dtype):
     """model itself, or a copy in dtype for the decode steps (prefill stays in the model's own precision, where
-    arithmetic rather than memory dominates and a CPU without bf16 hardware is several times slower in bf16)."""
+    arithmetic rather than memory dominates and a CPU without bf16 hardware is several times slower in bf16).
+
+    The copy is made once and kept while the model lives (making it takes about a second for GPT-2 small); a
+    change to the model's weights, such as an optimizer step, makes a fresh one.
+    """
     if next(model.parameters()).dtype == dtype:
         return model
-    return copy.deepcopy(model).to(dtype)
+    versions = (dtype, tuple(p._version for p in model.parameters()))  # in-place updates bump a tensor's version
+    kept = DECODING_COPIES.get(model)
+    if kept is None or kept[0] != versions:
+        kept = DECODING_COPIES[model] = (versions, copy.deepcopy(model).to(dtype))
+    return kept[1]
 
 
 @torch.inference_mode()
