@@ -228,6 +228,15 @@ def test_a_model_name_neither_cached_nor_downloadable_is_one_line(tmp_path, monk
     assert err.count("\n") == 0 and "hf download someone/not-here" in err
 
 
+def test_eval_of_a_gpt2_folder_needs_data(gpt2_pair, tmp_path, corpus, capsys):
+    folder, _, _ = gpt2_pair
+    assert main(["eval", "--model", str(folder)]) == 2
+    assert "has no validation split; pass --data FILE" in capsys.readouterr().err
+    (tmp_path / "text.txt").write_text(corpus[:5000], encoding="utf-8")
+    assert main(["eval", "--model", str(folder), "--data", str(tmp_path / "text.txt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bits_per_byte"] > 0
+
+
 def test_explain_works_on_a_gpt2_folder(gpt2_pair, capsys):
     folder, run, _ = gpt2_pair
     assert main(["explain", "Sarah lies still on the bed, feeling", "--model", str(folder), "--json"]) == 0
