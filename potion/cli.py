@@ -37,6 +37,7 @@ def print_json(body: dict) -> None:
 
 def cmd_train(args) -> int:
     from .config import resolve
+    from .interrupt import exit_code
     from .run import find_run
     from .train import train
 
@@ -57,7 +58,7 @@ def cmd_train(args) -> int:
             f"best {summary['best_val_loss']:.4f}\n"
             f"saved to {summary['out']}; try: potion generate --model {summary['out']}"
         )
-    return 0
+    return exit_code(summary["stop_signal"])  # a scheduler's signal: not finished, though saved (see interrupt.py)
 
 
 def cmd_generate(args) -> int:
@@ -282,6 +283,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"potion: error: {with_flag(e, args)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a second Ctrl-C (or SIGTERM) during training, or one outside it
         print("\npotion: interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)

@@ -249,7 +249,13 @@ def run_loop(t: Training) -> None:
 def time_to_stop(t: Training) -> bool:
     tc = t.config.train
     out_of_time = tc.max_time > 0 and time.time() - t.progress.started >= tc.max_time
-    return t.state.step >= tc.max_steps or out_of_time or t.stop_request.is_set()
+    return t.state.step >= tc.max_steps or out_of_time or stop_requested(t)
+
+
+def stop_requested(t: Training) -> bool:
+    """Whether a signal (Ctrl-C, SIGTERM, SIGUSR1) asked this training to stop. The one place the stop decision
+    is taken: with several processes (torchrun) it has to be agreed on here, so that all stop at the same step."""
+    return t.stop_request.is_set()
 
 
 def eval_due(t: Training, done: bool) -> bool:
