@@ -28,6 +28,7 @@ from .config import RunConfig
 from .errors import PotionError
 from .fileio import atomic_write, atomic_write_text, is_leftover
 from .model import GPT
+from .preflight import check_weights_match
 from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -165,6 +166,7 @@ def load(run_dir: str | Path | None = None, device: str = "cpu") -> LoadedRun:
             f"'{folder}/tokenizer.json' has {tokenizer.vocab_size} tokens but the model expects "
             f"{model_config.vocab_size}: the tokenizer does not belong to this model"
         )
+    check_weights_match(model_config, folder / "model.safetensors")  # before the model is allocated
     model = GPT(model_config)
     load_model_state(model, load_tensors(folder / "model.safetensors"), str(folder / "model.safetensors"))
     model.to(device).eval()

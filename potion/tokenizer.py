@@ -141,10 +141,10 @@ def train_tokenizer(kind: str, texts_factory, vocab_size: int = 4096) -> Tokeniz
 def tokenizer_from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
     try:
         d = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise PotionError(f"{source} is not valid JSON ({e}); the run directory may be damaged") from None
-    if isinstance(d, dict) and d.get("type") == "potion-char" and isinstance(d.get("chars"), list):
-        return CharTokenizer(d["chars"])
+    if isinstance(d, dict) and d.get("type") == "potion-char":
+        return CharTokenizer(checked_chars(d.get("chars"), source))
     if isinstance(d, dict) and isinstance(d.get("model"), dict):
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -158,6 +158,20 @@ def tokenizer_from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
     raise PotionError(f"{source} is not a potion tokenizer file")
 
 
+def checked_chars(chars, source: str) -> list[str]:
+    """A character vocabulary as saved: a non-empty list of distinct single characters."""
+    if not isinstance(chars, list) or not chars:
+        raise PotionError(f'{source} has no character vocabulary ("chars" must be a non-empty list)')
+    seen = set()
+    for c in chars:
+        if not isinstance(c, str) or len(c) != 1:
+            raise PotionError(f"{source}: the vocabulary entry {c!r} is not a single character")
+        if c in seen:
+            raise PotionError(f"{source}: the character {c!r} is in the vocabulary twice")
+        seen.add(c)
+    return chars
+
+
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
     path.write_text(tok.to_json(), encoding="utf-8")
 
@@ -165,4 +179,8 @@ def save_tokenizer(tok: Tokenizer, path: Path) -> None:
 def load_tokenizer(path: Path) -> Tokenizer:
     if not path.is_file():
         raise PotionError(f"tokenizer file '{path}' is missing")
-    return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PotionError(f"tokenizer file '{path}' is damaged (not UTF-8 text: {e})") from None
+    return tokenizer_from_json(text, str(path))

@@ -25,6 +25,7 @@ from .hardware import autocast, maybe_compile, pick_device, pick_dtype, set_thre
 from .interrupt import StopRequest
 from .model import GPT
 from .optim import StepTally, make_optimizer, set_learning_rate
+from .preflight import check_training_fits, check_weights_match
 from .report import Progress, log, report_evaluation, report_window, start_progress, summary
 from .run import (
     RunLock,
@@ -172,21 +173,22 @@ def start(
     quiet: bool,
     started: float,
 ) -> Training:
-    """Write the run's config and tokenizer, build the model and optimizers, and restore a checkpoint if resuming."""
+    """Build the model and optimizers, restore a checkpoint if resuming, then write the run's config and tokenizer."""
     tc = config.train
     batches, eval_sets, n_train_tokens = data
     dtype = pick_dtype(tc.dtype, device)
     if device.type == "cpu":
         set_threads()
-    write_config(run_dir, config)
-    if not (run_dir / "tokenizer.json").is_file():
-        atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
-
+    checkpoint = ckpt.latest_checkpoint(run_dir) if resume else None
+    check_sizes(config, run_dir, checkpoint, resume, device)
     torch.manual_seed(tc.seed)  # the initial weights, and dropout's draws from here on
     model = GPT(config.model).to(device)
     optimizers = make_optimizer(model, tc, device.type)
-    restored = ckpt.load_latest_checkpoint(run_dir, model, optimizers) if resume else None
+    restored = (checkpoint, *ckpt.load_checkpoint(checkpoint, model, optimizers)) if checkpoint else None
     state = LoopState() if restored is None else resume_from(restored, batches, run_dir)
+    write_config(run_dir, config)  # only now: a checkpoint that cannot be resumed leaves the run as it was
+    if not (run_dir / "tokenizer.json").is_file():
+        atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
     if resume and restored is None:
         log(f"potion: {run_dir} has no checkpoint yet; starting it from step 0")
     progress = start_progress(config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir)
@@ -212,6 +214,15 @@ def start(
         last_saved=restored[0] if restored else None,
         quiet=quiet,
     )
+
+
+def check_sizes(config: RunConfig, run_dir: Path, checkpoint: Path | None, resume: bool, device: torch.device) -> None:
+    """Before the model is allocated: a resumed run's config.json (perhaps a stranger's) against its weights, and
+    any training against this machine's memory."""
+    weights = checkpoint / "model.safetensors" if checkpoint else run_dir / "model.safetensors"
+    if resume and weights.is_file():
+        check_weights_match(config.model, weights)
+    check_training_fits(config, device.type)
 
 
 def resume_from(restored: tuple, batches: Batches, run_dir: Path) -> LoopState:
