@@ -126,6 +126,7 @@ def train(
     token_file = prepare(config.data, quiet=quiet)
     config = with_vocabulary(config, token_file.tokenizer)
     data = training_data(config, token_file)
+    check_training_fits(config, device.type)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
     with RunLock(run_dir):
         if not resume:
@@ -180,7 +181,8 @@ def start(
     if device.type == "cpu":
         set_threads()
     checkpoint = ckpt.latest_checkpoint(run_dir) if resume else None
-    check_sizes(config, run_dir, checkpoint, resume, device)
+    if resume:
+        check_resumed_weights(config, run_dir, checkpoint)
     torch.manual_seed(tc.seed)  # the initial weights, and dropout's draws from here on
     model = GPT(config.model).to(device)
     optimizers = make_optimizer(model, tc, device.type)
@@ -216,13 +218,12 @@ def start(
     )
 
 
-def check_sizes(config: RunConfig, run_dir: Path, checkpoint: Path | None, resume: bool, device: torch.device) -> None:
-    """Before the model is allocated: a resumed run's config.json (perhaps a stranger's) against its weights, and
-    any training against this machine's memory."""
+def check_resumed_weights(config: RunConfig, run_dir: Path, checkpoint: Path | None) -> None:
+    """Before the model is allocated: a resumed run's config.json (perhaps a stranger's) against the weights it
+    would load (or those it would replace, when it has no checkpoint yet)."""
     weights = checkpoint / "model.safetensors" if checkpoint else run_dir / "model.safetensors"
-    if resume and weights.is_file():
+    if weights.is_file():
         check_weights_match(config.model, weights)
-    check_training_fits(config, device.type)
 
 
 def resume_from(restored: tuple, batches: Batches, run_dir: Path) -> LoopState:

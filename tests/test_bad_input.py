@@ -218,6 +218,14 @@ def test_non_finite_and_out_of_range_training_numbers(capsys, tmp_path, flags, m
     assert message in train_fails(capsys, tmp_path, "pydocs", *flags)
 
 
+def test_a_model_too_big_for_this_machine_is_refused_before_allocating(capsys, tmp_path):
+    huge = ["--set", "n_layer=100000", "--set", "n_embd=65536", "--set", "n_head=64"]
+    line = train_fails(capsys, tmp_path, "pydocs", *huge)
+    assert "this training needs at least 82.5 PB of memory (5,153,96" in line  # the rest depends on the vocabulary
+    assert "weights, 100,000 layers of width 65,536, batch_size 8 x context_length 32) and" in line
+    assert line.endswith("is available; make the model or the batch smaller")
+
+
 @pytest.fixture
 def copy_of(run, tmp_path):
     shutil.copytree(run, tmp_path / "copy")
