@@ -126,7 +126,8 @@ def train(
     token_file = prepare(config.data, quiet=quiet)
     config = with_vocabulary(config, token_file.tokenizer)
     data = training_data(config, token_file)
-    check_training_fits(config, device.type)
+    if not resume:  # a resumed run's weights are checked first, in start()
+        check_training_fits(config, device.type)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
     with RunLock(run_dir):
         if not resume:
@@ -183,6 +184,7 @@ def start(
     checkpoint = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume:
         check_resumed_weights(config, run_dir, checkpoint)
+        check_training_fits(config, device.type)
     torch.manual_seed(tc.seed)  # the initial weights, and dropout's draws from here on
     model = GPT(config.model).to(device)
     optimizers = make_optimizer(model, tc, device.type)
