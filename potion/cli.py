@@ -65,6 +65,7 @@ def cmd_generate(args) -> int:
     from .config import SamplingConfig
     from .generate import generate_text
     from .run import load
+    from .tokenizer import checked_text
 
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -77,7 +78,7 @@ def cmd_generate(args) -> int:
         decode_dtype=args.decode_dtype,
     )
     model, tokenizer = load(args.model)
-    prompt = args.prompt or ""
+    prompt = checked_text(args.prompt or "", "the prompt")  # before it is echoed: stdout takes only real text
     on_text = None if args.json else stream_to_stdout(prompt, sampling.num_samples)
     samples, speed = generate_text(model, tokenizer, prompt, sampling, on_text)
     if args.json:
@@ -251,10 +252,15 @@ def add_explain(sub) -> None:
     x.set_defaults(func=cmd_explain)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other error (its subcommands' parsers too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"potion: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="potion", description="Train a small GPT on your own text, sample from it, look inside."
-    )
+    parser = Parser(prog="potion", description="Train a small GPT on your own text, sample from it, look inside.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_generate, add_eval, add_explain):

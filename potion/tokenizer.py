@@ -45,7 +45,10 @@ class CharTokenizer:
         return self.encode_array(text, source).tolist()
 
     def encode_array(self, text: str, source: str = "text") -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        try:
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        except UnicodeEncodeError as e:
+            raise not_text(text, e, source) from None
         codes_clipped = np.minimum(codes, self._max_cp + 1)  # anything above the table is unknown
         ids = self._table[codes_clipped]
         unknown = np.flatnonzero(ids < 0)
@@ -103,7 +106,7 @@ class BPETokenizer:
         return cls(tk)
 
     def encode(self, text: str, source: str = "text") -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+        return self.tk.encode(checked_text(text, source), add_special_tokens=False).ids
 
     def encode_array(self, text: str, source: str = "text") -> np.ndarray:
         return np.asarray(self.encode(text, source), dtype=np.int64)
@@ -129,6 +132,23 @@ class BPETokenizer:
 
 
 Tokenizer = CharTokenizer | BPETokenizer
+
+
+def checked_text(text: str, source: str = "text") -> str:
+    """text, once it is known to be Unicode that can be written out: a command-line argument whose bytes were
+    not UTF-8 arrives with lone surrogates in it (\udcff for the byte 0xff), which no encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise not_text(text, e, source) from None
+    return text
+
+
+def not_text(text: str, e: UnicodeEncodeError, source: str) -> PotionError:
+    return PotionError(
+        f"{source} is not valid text: character {e.start + 1} ({text[e.start]!r}) is not Unicode (a byte that "
+        "is not UTF-8, or half of a UTF-16 pair)"
+    )
 
 
 def train_tokenizer(kind: str, texts_factory, vocab_size: int = 4096) -> Tokenizer:

@@ -68,12 +68,25 @@ class LoopState:
 
     @classmethod
     def from_dict(cls, saved: dict) -> LoopState:
+        """The state in a checkpoint's state.json; a ValueError says which field is missing or of the wrong kind."""
         window = saved.get("log_window") or {}
-        if isinstance(window, list):  # written by potion before the window had names: sum, steps, finite, nonfinite
+        if isinstance(window, list) and len(window) == 4:  # written before the window had names: sum, steps, ...
             window = {"loss_sum": window[0], "steps": window[1], "nonfinite": window[3]}
-        return cls(
+        if not isinstance(window, dict) or set(window) - {"steps", "nonfinite", "loss_sum"}:
+            raise ValueError(f"log_window is {window!r}")
+        missing = {"step", "tokens", "best_val_loss"} - set(saved)
+        if missing:
+            raise ValueError(f"it has no {', '.join(sorted(missing))}")
+        state = cls(
             saved["step"], saved["tokens"], saved["best_val_loss"], saved.get("nonfinite_steps", 0), LogWindow(**window)
         )
+        counts = [state.step, state.tokens, state.nonfinite_steps, state.log_window.steps, state.log_window.nonfinite]
+        if not all(type(n) is int and n >= 0 for n in counts):
+            raise ValueError(f"a step or token count is not a whole number: {counts}")
+        for name, value in (("best_val_loss", state.best_val_loss), ("loss_sum", state.log_window.loss_sum)):
+            if type(value) not in (int, float) or math.isnan(value):
+                raise ValueError(f"{name} is {value!r}")
+        return state
 
 
 def host_read_interval(device: torch.device) -> int:
@@ -230,10 +243,13 @@ def check_resumed_weights(config: RunConfig, run_dir: Path, checkpoint: Path | N
 
 def resume_from(restored: tuple, batches: Batches, run_dir: Path) -> LoopState:
     """The loop state of a restored checkpoint, with the data order and random generators where it left them."""
-    _, saved, rng = restored
-    state = LoopState.from_dict(saved)
-    batches.set_state(saved["batches"])
-    ckpt.restore_rng(rng)
+    path, saved, rng = restored
+    try:
+        state = LoopState.from_dict(saved)
+        batches.set_state(saved["batches"])
+        ckpt.restore_rng(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # numpy's and torch's own checks, and ours
+        raise PotionError(f"'{path / 'state.json'}' cannot be resumed from ({type(e).__name__}: {e})") from None
     log(f"potion: resuming {run_dir} from step {state.step} (best validation loss {state.best_val_loss:.4f})")
     return state
 

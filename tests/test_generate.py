@@ -27,6 +27,10 @@ def test_top_p_keeps_smallest_set_reaching_p():
     kept = apply_top_p(probs.log(), 0.7)
     assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
     assert torch.isfinite(apply_top_p(probs.log(), 0.4)).tolist() == [[True, False, False, False]]
+    # a p too small for float32 (it rounds to 0) still keeps the most likely token: sampling never sees all -inf
+    tiny = apply_top_p(probs[:, [2, 0, 1, 3]].log(), 1e-320)
+    assert torch.isfinite(tiny).tolist() == [[False, True, False, False]]
+    assert sample_next(probs.log(), temperature=1.0, top_k=0, top_p=1e-320).tolist() == [0]
 
 
 def test_greedy_is_argmax():
