@@ -1,4 +1,4 @@
-"""DATA -> documents -> token file (numpy memmap, cached) -> train/validation splits -> batches.
+"""DATA -> documents -> token file (memory-mapped, cached) -> train/validation splits -> batches.
 
 A corpus is a list of text files; each file is a document, and documents are joined with the end-of-text
 token. Files are read and tokenized in blocks, so a corpus of several GB needs bounded memory. The token file
@@ -11,6 +11,7 @@ import codecs
 import glob as globlib
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -127,7 +128,7 @@ def iter_documents_blocks(files: list[Path]) -> Iterator[str]:
 
 @dataclass
 class TokenFile:
-    """All tokens of a corpus, documents separated by end-of-text, as a read-only memmap."""
+    """All tokens of a corpus, documents separated by end-of-text, as a read-only array mapped from the file."""
 
     tokens: np.ndarray
     tokenizer: Tokenizer
@@ -216,8 +217,18 @@ def _open_token_file(folder: Path, tokenizer: Tokenizer | None) -> TokenFile:
     dtype = np.dtype(meta["dtype"])
     if (folder / "tokens.bin").stat().st_size != meta["n_tokens"] * dtype.itemsize:
         raise ValueError("token file size does not match its metadata")
-    tokens = np.memmap(folder / "tokens.bin", dtype=dtype, mode="r", shape=(meta["n_tokens"],))
-    return TokenFile(tokens, tokenizer, folder)
+    return TokenFile(map_tokens(folder / "tokens.bin", dtype, meta["n_tokens"]), tokenizer, folder)
+
+
+def map_tokens(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    """The token file mapped read-only into memory, not read. Training reads windows at random places, so the
+    kernel is told not to read ahead: otherwise every window pulls in the megabytes around it, and the resident set
+    grows toward the size of the file."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):  # Linux and macOS
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=count)
 
 
 def _work_items(files: list[Path]) -> Iterator[tuple[str, str, bool]]:
