@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from .errors import PotionError
 from .fileio import atomic_write, atomic_write_text, fsync_dir, sha256_file, write_failed
 from .model import GPT
+from .preflight import check_optimizer_file, check_weights_match
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
@@ -198,21 +199,32 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def load_checkpoint(path: Path, model, optimizers) -> tuple[dict, dict]:
-    """Restore weights and optimizer; returns (state.json contents, rng tensors)."""
+    """Restore weights and optimizer; returns (state.json contents, rng tensors).
+
+    A checkpoint can come from a stranger with a COMPLETE marker that matches it, so its files are checked
+    against this run's model before they are read (the model itself was built from the checked config).
+    """
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise PotionError(f"'{path / 'state.json'}' is damaged ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("optimizer_groups"), list):
+        raise PotionError(f"'{path / 'state.json'}' is damaged (no optimizer_groups)")
+    check_weights_match(unwrap(model).config, path / "model.safetensors")
+    check_optimizer_file(path / "optimizer.safetensors", optimizers)
     load_model_state(unwrap(model), load_tensors(path / "model.safetensors"), str(path / "model.safetensors"))
     tensors = load_tensors(path / "optimizer.safetensors")
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     optimizer_tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
-    _unflatten_optimizer(optimizers, optimizer_tensors, state.pop("optimizer_groups"))
+    try:
+        _unflatten_optimizer(optimizers, optimizer_tensors, state.pop("optimizer_groups"))
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # torch's own checks of the groups, and ours
+        raise PotionError(f"'{path / 'state.json'}' does not match this run's optimizer ({e})") from None
     return state, rng
 
 
-def load_latest_checkpoint(run_dir: Path, model, optimizers) -> tuple[Path, dict, dict] | None:
-    """The newest intact checkpoint, restored into model and optimizers; damaged ones are skipped with a warning.
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint; damaged ones are skipped with a warning.
 
     None when the run has no checkpoint yet; a PotionError when it has some but none is intact.
     """
@@ -220,7 +232,7 @@ def load_latest_checkpoint(run_dir: Path, model, optimizers) -> tuple[Path, dict
     for i, path in enumerate(reversed(checkpoints)):
         problem = checkpoint_problem(path)
         if problem is None:
-            return (path, *load_checkpoint(path, model, optimizers))
+            return path
         older = checkpoints[-i - 2].name if i + 1 < len(checkpoints) else None
         warnings.warn(
             f"checkpoint '{path}' is damaged ({problem}); "
@@ -232,3 +244,9 @@ def load_latest_checkpoint(run_dir: Path, model, optimizers) -> tuple[Path, dict
             "(or delete that folder to restart this run from step 0)"
         )
     return None
+
+
+def load_latest_checkpoint(run_dir: Path, model, optimizers) -> tuple[Path, dict, dict] | None:
+    """The newest intact checkpoint (see latest_checkpoint), restored into model and optimizers."""
+    path = latest_checkpoint(run_dir)
+    return None if path is None else (path, *load_checkpoint(path, model, optimizers))

@@ -38,6 +38,7 @@ def print_json(body: dict) -> None:
 
 def cmd_train(args) -> int:
     from .config import load_preset, resolve, with_architecture
+    from .interrupt import exit_code
     from .run import find_run, source_config
     from .train import train
 
@@ -62,13 +63,14 @@ def cmd_train(args) -> int:
             f"best {summary['best_val_loss']:.4f}\n"
             f"saved to {summary['out']}; try: potion generate --model {summary['out']}"
         )
-    return 0
+    return exit_code(summary["stop_signal"])  # a scheduler's signal: not finished, though saved (see interrupt.py)
 
 
 def cmd_generate(args) -> int:
     from .config import SamplingConfig
     from .generate import generate_text
     from .run import load
+    from .tokenizer import checked_text
 
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -81,7 +83,7 @@ def cmd_generate(args) -> int:
         decode_dtype=args.decode_dtype,
     )
     model, tokenizer = load(args.model)
-    prompt = args.prompt or ""
+    prompt = checked_text(args.prompt or "", "the prompt")  # before it is echoed: stdout takes only real text
     on_text = None if args.json else stream_to_stdout(prompt, sampling.num_samples)
     samples, speed = generate_text(model, tokenizer, prompt, sampling, on_text)
     if args.json:
@@ -296,10 +298,15 @@ def add_export(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other error (its subcommands' parsers too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"potion: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="potion", description="Train a small GPT on your own text, sample from it, look inside."
-    )
+    parser = Parser(prog="potion", description="Train a small GPT on your own text, sample from it, look inside.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_generate, add_eval, add_explain, add_import, add_export):
@@ -328,6 +335,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"potion: error: {with_flag(e, args)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a second Ctrl-C (or SIGTERM) during training, or one outside it
         print("\npotion: interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)

@@ -8,6 +8,7 @@ Every number a user may want to change is a field here, with the same name in a 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -46,6 +47,7 @@ class ModelConfig:
     value_embeddings: bool = False  # a second token embedding added to every layer's values
 
     def __post_init__(self):
+        _check_types(self, "model")
         _check_choice("positions", self.positions, ("learned", "rope"))
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("mlp_activation", self.mlp_activation, ("gelu", "relu2"))
@@ -56,8 +58,9 @@ class ModelConfig:
             raise PotionError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
             raise PotionError("rope needs an even head size (n_embd / n_head)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise PotionError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check_range(self, "model", "dropout", 0.0, 1.0, top_open=True)
+        _check_range(self, "model", "rope_base", 1.0)
+        _check_range(self, "model", "logit_softcap", 0.0)
         if self.zero_init_head and self.tie_embeddings:
             raise PotionError("model.zero_init_head needs tie_embeddings = false (a tied head is the embedding)")
 
@@ -76,12 +79,14 @@ class DataConfig:
     val_fraction: float = 0.1  # the last part of the token stream is the validation split
 
     def __post_init__(self):
+        _check_types(self, "data")
         _check_choice("tokenizer", self.tokenizer, ("char", "bpe"))
         if not 0.0 < self.val_fraction < 1.0:
             raise PotionError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.bpe_vocab_size < 257:
+        if not 257 <= self.bpe_vocab_size <= MAX_BPE_VOCAB:
             raise PotionError(
-                f"data.bpe_vocab_size must be at least 257 (256 bytes + end of text), got {self.bpe_vocab_size}"
+                f"data.bpe_vocab_size must be between 257 (256 bytes + end of text) and {MAX_BPE_VOCAB:,}, "
+                f"got {self.bpe_vocab_size}"
             )
 
 
@@ -120,6 +125,7 @@ class TrainConfig:
     compile: str = "off"  # auto | on | off
 
     def __post_init__(self):
+        _check_types(self, "train")
         _check_choice("schedule", self.schedule, ("cosine", "wsd"))
         _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
@@ -131,8 +137,16 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "checkpoint_every", "sample_tokens", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise PotionError(f"train.{name} must not be negative, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise PotionError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        for name in ("learning_rate", "muon_lr"):
+            if getattr(self, name) <= 0:
+                raise PotionError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_time", "stop_at_loss", "weight_decay", "grad_clip"):
+            _check_range(self, "train", name, 0.0)
+        for name in ("min_lr_ratio", "decay_fraction"):
+            _check_range(self, "train", name, 0.0, 1.0)
+        for name in ("beta1", "beta2"):
+            _check_range(self, "train", name, 0.0, 1.0, top_open=True)
+        _check_seed(self.seed, "train.seed")
 
 
 @dataclass(frozen=True)
@@ -169,6 +183,35 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise PotionError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _check_types(config, section: str) -> None:
+    """Every field of its declared type, and every float finite: a config built in Python is checked like one
+    read from TOML, --set or config.json. An int where a float is expected becomes that float."""
+    for f in fields(config):
+        value, want = getattr(config, f.name), _TYPES.get(f.type)
+        if want is None:
+            continue  # not a plain int, float, bool or str: the class checks it itself
+        if want is float and type(value) is int:
+            value = float(value)
+            object.__setattr__(config, f.name, value)  # frozen: this is its construction
+        if type(value) is not want:
+            raise PotionError(f"{section}.{f.name} must be {_TYPE_NAMES[want]}, got {type(value).__name__} {value!r}")
+        if want is float and not math.isfinite(value):
+            raise PotionError(f"{section}.{f.name} must be a finite number, got {value}")
+
+
+def _check_range(config, section: str, name: str, low: float, high: float = math.inf, top_open: bool = False):
+    """low <= value <= high (value < high with top_open)."""
+    value = getattr(config, name)
+    if value < low or value > high or (top_open and value == high):
+        interval = f"at least {low:g}" if high == math.inf else f"in [{low:g}, {high:g}{')' if top_open else ']'}"
+        raise PotionError(f"{section}.{name} must be {interval}, got {value}")
+
+
+def _check_seed(seed: int, name: str, setting: str | None = None) -> None:
+    if not 0 <= seed < 2**63:
+        raise PotionError(f"{name} must be between 0 and 2**63 - 1, got {seed}", setting=setting)
+
+
 def _build(klass, values: dict, source: str):
     known = {f.name: f for f in fields(klass)}
     unknown = set(values) - set(known)
@@ -179,6 +222,8 @@ def _build(klass, values: dict, source: str):
 
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+MAX_BPE_VOCAB = 1 << 24  # token files store ids as uint32; the tokenizers library counts in 32 bits
 
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
@@ -351,6 +396,7 @@ class SamplingConfig:
     decode_dtype: str = "auto"  # precision of the weights in one-token decode steps: auto | fp32 | bf16
 
     def __post_init__(self):
+        self._check_types()
         if self.max_new_tokens < 0:
             raise PotionError(
                 f"max_new_tokens must not be negative, got {self.max_new_tokens}", setting="max_new_tokens"
@@ -367,8 +413,27 @@ class SamplingConfig:
             raise PotionError(f"top_p must be in (0, 1], got {self.top_p}", setting="top_p")
         if self.num_samples < 1:
             raise PotionError(f"num_samples must be at least 1, got {self.num_samples}", setting="num_samples")
+        if self.seed is not None:
+            _check_seed(self.seed, "seed", setting="seed")
         if self.decode_dtype not in DECODE_DTYPES:
             raise PotionError(
                 f"decode_dtype must be one of {', '.join(DECODE_DTYPES)}, got {self.decode_dtype!r}",
                 setting="decode_dtype",
             )
+
+    def _check_types(self) -> None:
+        """Numbers of their type (an int is taken where a float is expected), floats finite, stop strings text."""
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if type(value) is int:
+                object.__setattr__(self, name, value := float(value))  # frozen: this is its construction
+            if type(value) is not float or not math.isfinite(value):
+                raise PotionError(f"{name} must be a finite number, got {value!r}", setting=name)
+        for name in ("max_new_tokens", "top_k", "seed", "num_samples"):
+            value = getattr(self, name)
+            if type(value) is not int and not (value is None and name in ("top_k", "seed")):
+                raise PotionError(f"{name} must be an integer, got {value!r}", setting=name)
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise PotionError(f"stop must be a list of strings, got {self.stop!r}", setting="stop")

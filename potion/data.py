@@ -1,4 +1,4 @@
-"""DATA -> documents -> token file (numpy memmap, cached) -> train/validation splits -> batches.
+"""DATA -> documents -> token file (memory-mapped, cached) -> train/validation splits -> batches.
 
 A corpus is a list of text files; each file is a document, and documents are joined with the end-of-text
 token. Files are read and tokenized in blocks, so a corpus of several GB needs bounded memory. The token file
@@ -11,6 +11,7 @@ import codecs
 import glob as globlib
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from .config import DataConfig
 from .corpora import BUILTIN, builtin_path, cache_root
 from .errors import PotionError
-from .fileio import hash_file
+from .fileio import fsync_dir, fsync_file, hash_file
 from .tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json, train_tokenizer
 
 BLOCK_BYTES = 4 << 20  # read and tokenize 4 MB at a time
@@ -127,7 +128,7 @@ def iter_documents_blocks(files: list[Path]) -> Iterator[str]:
 
 @dataclass
 class TokenFile:
-    """All tokens of a corpus, documents separated by end-of-text, as a read-only memmap."""
+    """All tokens of a corpus, documents separated by end-of-text, as a read-only array mapped from the file."""
 
     tokens: np.ndarray
     tokenizer: Tokenizer
@@ -163,6 +164,15 @@ def prepare(
         if not quiet and config.tokenizer == "bpe":  # a character vocabulary takes one quick pass: nothing to announce
             print(f"potion: training a {config.tokenizer} tokenizer on {len(files)} file(s)", file=sys.stderr)
         tokenizer = train_tokenizer(config.tokenizer, lambda: iter_documents_blocks(files), config.bpe_vocab_size)
+    remove_abandoned(folder)
+    _write_token_folder(folder, files, tokenizer, quiet)
+    return _open_token_file(folder, tokenizer)
+
+
+def _write_token_folder(folder: Path, files: list[Path], tokenizer: Tokenizer, quiet: bool) -> None:
+    """Tokenize into a temporary folder beside `folder` and rename it into place once every file is on disk: a
+    process killed half-way (or a machine that loses power) leaves only a temporary folder, never a cache entry
+    that a later run would trust."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -174,11 +184,31 @@ def prepare(
         "files": [str(p) for p in files],
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    for name in ("tokens.bin", "tokenizer.json", "meta.json"):
+        fsync_file(tmp / name)
     try:
         tmp.rename(folder)
     except OSError:  # another process wrote the same cache entry first; use theirs
         shutil.rmtree(tmp, ignore_errors=True)
-    return _open_token_file(folder, tokenizer)
+    fsync_dir(folder.parent)
+
+
+def remove_abandoned(folder: Path) -> None:
+    """Temporary folders for this cache entry left by processes that were killed (their process is gone)."""
+    for tmp in folder.parent.glob(folder.name + ".tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not process_exists(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _open_token_file(folder: Path, tokenizer: Tokenizer | None) -> TokenFile:
@@ -187,8 +217,18 @@ def _open_token_file(folder: Path, tokenizer: Tokenizer | None) -> TokenFile:
     dtype = np.dtype(meta["dtype"])
     if (folder / "tokens.bin").stat().st_size != meta["n_tokens"] * dtype.itemsize:
         raise ValueError("token file size does not match its metadata")
-    tokens = np.memmap(folder / "tokens.bin", dtype=dtype, mode="r", shape=(meta["n_tokens"],))
-    return TokenFile(tokens, tokenizer, folder)
+    return TokenFile(map_tokens(folder / "tokens.bin", dtype, meta["n_tokens"]), tokenizer, folder)
+
+
+def map_tokens(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    """The token file mapped read-only into memory, not read. Training reads windows at random places, so the
+    kernel is told not to read ahead: otherwise every window pulls in the megabytes around it, and the resident set
+    grows toward the size of the file."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):  # Linux and macOS
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=count)
 
 
 def _work_items(files: list[Path]) -> Iterator[tuple[str, str, bool]]:

@@ -34,6 +34,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file's contents durable (before it is renamed into place)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def write_failed(path: Path, e: Exception) -> PotionError:
     reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
     hint = "; free some disk space and resume" if isinstance(e, OSError) and e.errno == errno.ENOSPC else ""
@@ -58,8 +64,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = temporary_name(path)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         try:

@@ -44,6 +44,7 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(dim=-1)
     drop_sorted = probs.cumsum(dim=-1) - probs >= p  # mass before this token already reaches p
+    drop_sorted[..., 0] = False  # the most likely token always stays (a p below float32's range rounds to 0)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -175,5 +175,6 @@ def summary(t: Training) -> dict:
         "nonfinite_steps": t.state.nonfinite_steps,
         "parameters": t.model.num_parameters(),
         "interrupted": t.stop_request.is_set(),
+        "stop_signal": t.stop_request.signal_name,
         "out": str(t.run_dir),
     }

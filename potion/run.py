@@ -32,6 +32,7 @@ from .hf.gpt2 import read_model as read_hf_model
 from .hf.gpt2 import read_run_config as read_hf_config
 from .hf.hub import model_folder
 from .model import GPT
+from .preflight import check_weights_match
 from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -185,6 +186,7 @@ def read_run(folder: Path) -> tuple[RunConfig, Tokenizer, dict]:
             f"'{folder}/tokenizer.json' has {tokenizer.vocab_size} tokens but the model expects "
             f"{config.model.vocab_size}: the tokenizer does not belong to this model"
         )
+    check_weights_match(config.model, folder / "model.safetensors")  # before the model is allocated
     return config, tokenizer, load_tensors(folder / "model.safetensors")
 
 

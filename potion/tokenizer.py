@@ -45,7 +45,10 @@ class CharTokenizer:
         return self.encode_array(text, source).tolist()
 
     def encode_array(self, text: str, source: str = "text") -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        try:
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        except UnicodeEncodeError as e:
+            raise not_text(text, e, source) from None
         codes_clipped = np.minimum(codes, self._max_cp + 1)  # anything above the table is unknown
         ids = self._table[codes_clipped]
         unknown = np.flatnonzero(ids < 0)
@@ -115,7 +118,7 @@ class BPETokenizer:
         return cls(tk)
 
     def encode(self, text: str, source: str = "text") -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+        return self.tk.encode(checked_text(text, source), add_special_tokens=False).ids
 
     def encode_array(self, text: str, source: str = "text") -> np.ndarray:
         return np.asarray(self.encode(text, source), dtype=np.int64)
@@ -146,6 +149,23 @@ class BPETokenizer:
 Tokenizer = CharTokenizer | BPETokenizer
 
 
+def checked_text(text: str, source: str = "text") -> str:
+    """text, once it is known to be Unicode that can be written out: a command-line argument whose bytes were
+    not UTF-8 arrives with lone surrogates in it (\udcff for the byte 0xff), which no encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise not_text(text, e, source) from None
+    return text
+
+
+def not_text(text: str, e: UnicodeEncodeError, source: str) -> PotionError:
+    return PotionError(
+        f"{source} is not valid text: character {e.start + 1} ({text[e.start]!r}) is not Unicode (a byte that "
+        "is not UTF-8, or half of a UTF-16 pair)"
+    )
+
+
 def train_tokenizer(kind: str, texts_factory, vocab_size: int = 4096) -> Tokenizer:
     """texts_factory() yields the corpus documents; called once."""
     if kind == "char":
@@ -156,10 +176,10 @@ def train_tokenizer(kind: str, texts_factory, vocab_size: int = 4096) -> Tokeniz
 def tokenizer_from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
     try:
         d = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise PotionError(f"{source} is not valid JSON ({e}); the run directory may be damaged") from None
-    if isinstance(d, dict) and d.get("type") == "potion-char" and isinstance(d.get("chars"), list):
-        return CharTokenizer(d["chars"])
+    if isinstance(d, dict) and d.get("type") == "potion-char":
+        return CharTokenizer(checked_chars(d.get("chars"), source))
     if isinstance(d, dict) and isinstance(d.get("model"), dict):
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -173,6 +193,20 @@ def tokenizer_from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
     raise PotionError(f"{source} is not a potion tokenizer file")
 
 
+def checked_chars(chars, source: str) -> list[str]:
+    """A character vocabulary as saved: a non-empty list of distinct single characters."""
+    if not isinstance(chars, list) or not chars:
+        raise PotionError(f'{source} has no character vocabulary ("chars" must be a non-empty list)')
+    seen = set()
+    for c in chars:
+        if not isinstance(c, str) or len(c) != 1:
+            raise PotionError(f"{source}: the vocabulary entry {c!r} is not a single character")
+        if c in seen:
+            raise PotionError(f"{source}: the character {c!r} is in the vocabulary twice")
+        seen.add(c)
+    return chars
+
+
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
     path.write_text(tok.to_json(), encoding="utf-8")
 
@@ -180,4 +214,8 @@ def save_tokenizer(tok: Tokenizer, path: Path) -> None:
 def load_tokenizer(path: Path) -> Tokenizer:
     if not path.is_file():
         raise PotionError(f"tokenizer file '{path}' is missing")
-    return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PotionError(f"tokenizer file '{path}' is damaged (not UTF-8 text: {e})") from None
+    return tokenizer_from_json(text, str(path))

@@ -25,6 +25,7 @@ from .hardware import autocast, maybe_compile, pick_device, pick_dtype, set_thre
 from .interrupt import StopRequest
 from .model import GPT
 from .optim import StepTally, make_optimizer, set_learning_rate
+from .preflight import check_training_fits, check_weights_match
 from .report import Progress, log, report_evaluation, report_window, start_progress, summary
 from .run import (
     RunLock,
@@ -68,12 +69,25 @@ class LoopState:
 
     @classmethod
     def from_dict(cls, saved: dict) -> LoopState:
+        """The state in a checkpoint's state.json; a ValueError says which field is missing or of the wrong kind."""
         window = saved.get("log_window") or {}
-        if isinstance(window, list):  # written by potion before the window had names: sum, steps, finite, nonfinite
+        if isinstance(window, list) and len(window) == 4:  # written before the window had names: sum, steps, ...
             window = {"loss_sum": window[0], "steps": window[1], "nonfinite": window[3]}
-        return cls(
+        if not isinstance(window, dict) or set(window) - {"steps", "nonfinite", "loss_sum"}:
+            raise ValueError(f"log_window is {window!r}")
+        missing = {"step", "tokens", "best_val_loss"} - set(saved)
+        if missing:
+            raise ValueError(f"it has no {', '.join(sorted(missing))}")
+        state = cls(
             saved["step"], saved["tokens"], saved["best_val_loss"], saved.get("nonfinite_steps", 0), LogWindow(**window)
         )
+        counts = [state.step, state.tokens, state.nonfinite_steps, state.log_window.steps, state.log_window.nonfinite]
+        if not all(type(n) is int and n >= 0 for n in counts):
+            raise ValueError(f"a step or token count is not a whole number: {counts}")
+        for name, value in (("best_val_loss", state.best_val_loss), ("loss_sum", state.log_window.loss_sum)):
+            if type(value) not in (int, float) or math.isnan(value):
+                raise ValueError(f"{name} is {value!r}")
+        return state
 
 
 def host_read_interval(device: torch.device) -> int:
@@ -128,6 +142,8 @@ def train(
     token_file = prepare(config.data, tokenizer=tokenizer, quiet=quiet)
     config = with_vocabulary(config, token_file.tokenizer)
     data = training_data(config, token_file)
+    if not resume:  # a resumed run's weights are checked first, in start()
+        check_training_fits(config, device.type)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
     with RunLock(run_dir):
         if not resume:
@@ -191,24 +207,27 @@ def start(
     started: float,
     init_weights: dict | None = None,
 ) -> Training:
-    """Write the run's config and tokenizer, build the model and optimizers, and restore a checkpoint if resuming."""
+    """Build the model and optimizers, restore a checkpoint if resuming, then write the run's config and tokenizer."""
     tc = config.train
     batches, eval_sets, n_train_tokens = data
     dtype = pick_dtype(tc.dtype, device)
     if device.type == "cpu":
         set_threads()
-    write_config(run_dir, config)
-    if not (run_dir / "tokenizer.json").is_file():
-        atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
-
+    checkpoint = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume:
+        check_resumed_weights(config, run_dir, checkpoint)
+        check_training_fits(config, device.type)
     torch.manual_seed(tc.seed)  # the initial weights, and dropout's draws from here on
     model = GPT(config.model)
     if init_weights is not None:
         ckpt.load_model_state(model, init_weights, config.train.init_from)
     model.to(device)
     optimizers = make_optimizer(model, tc, device.type)
-    restored = ckpt.load_latest_checkpoint(run_dir, model, optimizers) if resume else None
+    restored = (checkpoint, *ckpt.load_checkpoint(checkpoint, model, optimizers)) if checkpoint else None
     state = LoopState() if restored is None else resume_from(restored, batches, run_dir)
+    write_config(run_dir, config)  # only now: a checkpoint that cannot be resumed leaves the run as it was
+    if not (run_dir / "tokenizer.json").is_file():
+        atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
     if resume and restored is None:
         log(f"potion: {run_dir} has no checkpoint yet; starting it from step 0")
     progress = start_progress(config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir)
@@ -237,12 +256,23 @@ def start(
     )
 
 
+def check_resumed_weights(config: RunConfig, run_dir: Path, checkpoint: Path | None) -> None:
+    """Before the model is allocated: a resumed run's config.json (perhaps a stranger's) against the weights it
+    would load (or those it would replace, when it has no checkpoint yet)."""
+    weights = checkpoint / "model.safetensors" if checkpoint else run_dir / "model.safetensors"
+    if weights.is_file():
+        check_weights_match(config.model, weights)
+
+
 def resume_from(restored: tuple, batches: Batches, run_dir: Path) -> LoopState:
     """The loop state of a restored checkpoint, with the data order and random generators where it left them."""
-    _, saved, rng = restored
-    state = LoopState.from_dict(saved)
-    batches.set_state(saved["batches"])
-    ckpt.restore_rng(rng)
+    path, saved, rng = restored
+    try:
+        state = LoopState.from_dict(saved)
+        batches.set_state(saved["batches"])
+        ckpt.restore_rng(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # numpy's and torch's own checks, and ours
+        raise PotionError(f"'{path / 'state.json'}' cannot be resumed from ({type(e).__name__}: {e})") from None
     log(f"potion: resuming {run_dir} from step {state.step} (best validation loss {state.best_val_loss:.4f})")
     return state
 
@@ -272,7 +302,13 @@ def run_loop(t: Training) -> None:
 def time_to_stop(t: Training) -> bool:
     tc = t.config.train
     out_of_time = tc.max_time > 0 and time.time() - t.progress.started >= tc.max_time
-    return t.state.step >= tc.max_steps or out_of_time or t.stop_request.is_set()
+    return t.state.step >= tc.max_steps or out_of_time or stop_requested(t)
+
+
+def stop_requested(t: Training) -> bool:
+    """Whether a signal (Ctrl-C, SIGTERM, SIGUSR1) asked this training to stop. The one place the stop decision
+    is taken: with several processes (torchrun) it has to be agreed on here, so that all stop at the same step."""
+    return t.stop_request.is_set()
 
 
 def eval_due(t: Training, done: bool) -> bool:

@@ -173,6 +173,10 @@ def test_prompt_longer_than_context_warns_and_keeps_the_last_tokens(capsys, run)
         (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
         (["--top-k", "0"], "--top-k must be at least 1 (leave it out for no limit), got 0"),
         (["--top-k", "-3"], "--top-k must be at least 1 (leave it out for no limit), got -3"),
+        (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+        (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+        (["--top-p", "nan"], "--top-p must be a finite number, got nan"),
+        (["--seed", "-1"], "--seed must be between 0 and 2**63 - 1, got -1"),
     ],
 )
 def test_out_of_range_sampling_values(capsys, run, flags, message):
@@ -198,6 +202,28 @@ def test_unknown_config_keys_and_wrong_types(capsys, tmp_path, toml, message):
         (tmp_path / "my.toml").write_text(toml)
         extra = ["--config", tmp_path / "my.toml"]
     assert message in train_fails(capsys, tmp_path, "pydocs", *extra)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--set", "learning_rate=nan"], "train.learning_rate must be a finite number, got nan"),
+        (["--set", "learning_rate=inf"], "train.learning_rate must be a finite number, got inf"),
+        (["--max-time", "nan"], "train.max_time must be a finite number, got nan"),
+        (["--set", "beta2=1.5"], "train.beta2 must be in [0, 1), got 1.5"),
+        (["--seed", "99999999999999999999"], "train.seed must be between 0 and 2**63 - 1"),
+    ],
+)
+def test_non_finite_and_out_of_range_training_numbers(capsys, tmp_path, flags, message):
+    assert message in train_fails(capsys, tmp_path, "pydocs", *flags)
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_allocating(capsys, tmp_path):
+    huge = ["--set", "n_layer=100000", "--set", "n_embd=65536", "--set", "n_head=64"]
+    line = train_fails(capsys, tmp_path, "pydocs", *huge)
+    assert "this training needs at least 82.5 PB of memory (5,153,96" in line  # the rest depends on the vocabulary
+    assert "weights, 100,000 layers of width 65,536, batch_size 8 x context_length 32) and" in line
+    assert line.endswith("is available; make the model or the batch smaller")
 
 
 @pytest.fixture

@@ -1,8 +1,17 @@
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from potion import DataConfig, PotionError
 from potion.data import Batches, find_files, prepare, read_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_directory_glob_and_file(tmp_path):
@@ -91,3 +100,44 @@ def test_pydocs_builtin_corpus():
     files = find_files("pydocs")
     assert len(files) > 20
     assert sum(p.stat().st_size for p in files) > 1_000_000
+
+
+SLOW_TOKENIZING = """
+import sys, time
+import potion.data as data
+encode = data._encode_item
+def slowly(item):  # a block at a time, slowly enough for the test to kill the process in the middle
+    time.sleep(0.5)
+    return encode(item)
+data._encode_item = slowly
+data.prepare(data.DataConfig(data=sys.argv[1]), quiet=True)
+"""
+
+
+def test_a_kill_while_tokenizing_leaves_no_cache_that_a_later_run_trusts(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran far away home".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(200_000)))  # 10 MB: 3 blocks
+    cache = tmp_path / "cache"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_TOKENIZING, str(corpus)],
+        env={**os.environ, "POTION_CACHE": str(cache), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.time() + 120
+    while not any(p.stat().st_size for p in cache.glob("tokens/*.tmp*/tokens.bin")) and time.time() < deadline:
+        assert process.poll() is None, "tokenizing ended before it could be killed"
+        time.sleep(0.01)
+    process.kill()  # SIGKILL: nothing runs after it
+    process.wait()
+    (partial,) = cache.glob("tokens/*.tmp*")
+    assert not (partial / "meta.json").exists()
+    assert [p for p in (cache / "tokens").iterdir() if p != partial] == []  # nothing under the final name
+
+    monkeypatch.setenv("POTION_CACHE", str(cache))
+    again = prepare(DataConfig(data=str(corpus)), quiet=True)
+    monkeypatch.setenv("POTION_CACHE", str(tmp_path / "clean"))
+    clean = prepare(DataConfig(data=str(corpus)), quiet=True)
+    assert len(again.tokens) == corpus.stat().st_size + 1  # every character, then end-of-text
+    assert np.array_equal(again.tokens, clean.tokens)
+    assert not partial.exists()  # the killed process's leftovers are gone

@@ -27,6 +27,10 @@ def test_top_p_keeps_smallest_set_reaching_p():
     kept = apply_top_p(probs.log(), 0.7)
     assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
     assert torch.isfinite(apply_top_p(probs.log(), 0.4)).tolist() == [[True, False, False, False]]
+    # a p too small for float32 (it rounds to 0) still keeps the most likely token: sampling never sees all -inf
+    tiny = apply_top_p(probs[:, [2, 0, 1, 3]].log(), 1e-320)
+    assert torch.isfinite(tiny).tolist() == [[False, True, False, False]]
+    assert sample_next(probs.log(), temperature=1.0, top_k=0, top_p=1e-320).tolist() == [0]
 
 
 def test_greedy_is_argmax():
@@ -38,7 +42,14 @@ def test_greedy_is_argmax():
     "kwargs, message",
     [
         (dict(temperature=-0.5), "temperature must be 0 (greedy) or positive, got -0.5"),
-        (dict(temperature=float("nan")), "temperature must be 0 (greedy) or positive, got nan"),
+        (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+        (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+        (dict(top_p=float("nan")), "top_p must be a finite number, got nan"),
+        (dict(temperature="hot"), "temperature must be a finite number, got 'hot'"),
+        (dict(seed=2**64), "seed must be between 0 and 2**63 - 1, got 18446744073709551616"),
+        (dict(seed=-1), "seed must be between 0 and 2**63 - 1, got -1"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an integer, got 2.5"),
+        (dict(stop=("ok", 3)), "stop must be a list of strings, got ('ok', 3)"),
         (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
         (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
         (dict(top_k=0), "top_k must be at least 1 (leave it out for no limit), got 0"),

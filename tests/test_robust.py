@@ -64,10 +64,15 @@ def tiny_config(corpus, *extra):
     return resolve("tiny", None, [*TINY, f"data={corpus}", *extra])
 
 
+def tiny_training_args(corpus, *args):
+    """`potion train` of a tiny model on the test corpus, with more arguments."""
+    tiny = [a for s in TINY for a in ("--set", s)]
+    return ["train", "--data", str(corpus), *tiny, *map(str, args)]
+
+
 def tiny_training_argv(corpus, *args):
     """The command line of a tiny training on the test corpus, as a subprocess runs it."""
-    tiny = [a for s in TINY for a in ("--set", s)]
-    return [sys.executable, "-m", "potion", "train", "--data", str(corpus), *tiny, *map(str, args)]
+    return [sys.executable, "-m", "potion", *tiny_training_args(corpus, *args)]
 
 
 def potion(*args, check=True, timeout=300):
@@ -170,6 +175,73 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(corpus, tmp_pat
     assert train_losses(run) == train_losses(reference)
     assert not (run / LOCK_NAME).exists()
     assert not list((run / "checkpoints").glob(".*"))  # leftovers of killed writes were cleaned up
+
+
+PREEMPTED_RUN = ["--max-steps", 200, "--eval-every", 50, "--checkpoint-every", 1000, "--set", "dropout=0.1", "--quiet"]
+
+
+def logged_step(run_dir):
+    """The step of the newest train row in log.jsonl (one every 10 steps), or -1."""
+    path = run_dir / "log.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    rows = [json.loads(line) for line in lines if line.endswith("}")]
+    return max((r["step"] for r in rows if r["kind"] == "train"), default=-1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    reference = tmp_path_factory.mktemp("uninterrupted") / "run"
+    potion(*tiny_training_args(corpus, *PREEMPTED_RUN, "--out", reference))
+    return reference
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_scheduler_signal_saves_at_that_step_and_resume_is_byte_identical(corpus, uninterrupted, tmp_path, signum):
+    reference = uninterrupted
+    run = tmp_path / "preempted"
+    process = subprocess.Popen(
+        tiny_training_argv(corpus, *PREEMPTED_RUN, "--out", run),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    while logged_step(run) < 30 and process.poll() is None:  # well into training, far from a checkpoint
+        time.sleep(0.02)
+    process.send_signal(signum)
+    out, err = (b.decode() for b in process.communicate(timeout=120))
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, err  # not finished, though saved: a scheduler must not take it for done
+    assert f"potion: {name}: finishing this step, then saving (send {name} again to abort without saving)" in err
+    stopped = int(re.search(r"stopped at step (\d+) and saved", err).group(1))
+    assert 30 <= stopped < 200 and f"continue with: potion train --resume --out {run}" in err
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-00000000", f"step-{stopped:08d}"]
+    assert "Traceback" not in err and "trained" in out
+
+    resumed = potion(*tiny_training_args(corpus, *PREEMPTED_RUN, "--out", run, "--resume"))
+    assert f"resuming {run} from step {stopped}" in resumed.stderr
+    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    last = ckpt.complete_checkpoints(run)[-1]
+    assert last.name == "step-00000200"
+    assert (last / "model.safetensors").read_bytes() == (
+        ckpt.complete_checkpoints(reference)[-1] / "model.safetensors"
+    ).read_bytes()
+    assert train_losses(run) == train_losses(reference)
+
+
+def test_a_second_stop_signal_aborts_without_saving():
+    from potion.interrupt import Aborted, StopRequest, exit_code
+
+    request = StopRequest.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled between two bytecodes of this thread: at once
+        assert request.is_set() and request.signal_name == "SIGTERM"
+        with pytest.raises(Aborted) as aborted:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert aborted.value.exit_code == 128 + signal.SIGUSR1
+    finally:
+        request.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert [exit_code(s) for s in (None, "SIGINT", "SIGTERM", "SIGUSR1")] == [0, 0, 143, 138]
 
 
 def test_damaged_checkpoints_are_skipped_and_resume_reproduces_the_run(corpus, tmp_path, capsys):
