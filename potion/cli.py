@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
 
     run = load(args.model)
     token_file = prepare(run.config.data, tokenizer=run.tokenizer, data=args.data, quiet=args.json)
-    tokens = token_file.tokens if args.data else token_file.split(run.config.data.val_fraction)[1]
+    tokens = token_file.span() if args.data else token_file.split(run.config.data.val_fraction)[1]
     result = evaluate(run.model, run.tokenizer, tokens, quiet=args.json)
     if args.json:
         print_json(result)
