@@ -120,7 +120,7 @@ def cmd_eval(args) -> int:
     if not (args.data or run.config.data.data):
         raise PotionError(f"'{run.run_dir}' was not trained here, so it has no validation split; pass --data FILE")
     token_file = prepare(run.config.data, tokenizer=run.tokenizer, data=args.data, quiet=args.json)
-    tokens = token_file.tokens if args.data else token_file.split(run.config.data.val_fraction)[1]
+    tokens = token_file.span() if args.data else token_file.split(run.config.data.val_fraction)[1]
     result = evaluate(run.model, run.tokenizer, tokens, quiet=args.json)
     if args.json:
         print_json(result)

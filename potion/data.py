@@ -1,4 +1,4 @@
-"""DATA -> documents -> token file (memory-mapped, cached) -> train/validation splits -> batches.
+"""DATA -> documents -> token file (numpy memmap, cached) -> train/validation splits -> batches.
 
 A corpus is a list of text files; each file is a document, and documents are joined with the end-of-text
 token. Files are read and tokenized in blocks, so a corpus of several GB needs bounded memory. The token file
@@ -11,11 +11,15 @@ import codecs
 import glob as globlib
 import hashlib
 import json
-import mmap
 import multiprocessing
 import os
 import shutil
 import sys
+import warnings
+import weakref
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -128,15 +132,46 @@ def iter_documents_blocks(files: list[Path]) -> Iterator[str]:
 
 @dataclass
 class TokenFile:
-    """All tokens of a corpus, documents separated by end-of-text, as a read-only array mapped from the file."""
+    """All tokens of a corpus, documents separated by end-of-text, as a read-only memmap."""
 
     tokens: np.ndarray
     tokenizer: Tokenizer
     folder: Path
 
-    def split(self, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-        n_val = int(len(self.tokens) * val_fraction)
-        return self.tokens[: len(self.tokens) - n_val], self.tokens[len(self.tokens) - n_val :]
+    def span(self) -> TokenSpan:
+        """All the tokens, read from the file as they are needed."""
+        return TokenSpan(self.folder / "tokens.bin", self.tokens.dtype, 0, len(self.tokens))
+
+    def split(self, val_fraction: float) -> tuple[TokenSpan, TokenSpan]:
+        """The training and validation tokens (the last val_fraction), read from the file as they are needed."""
+        n = len(self.tokens)
+        n_val = int(n * val_fraction)
+        path, dtype = self.folder / "tokens.bin", self.tokens.dtype
+        return TokenSpan(path, dtype, 0, n - n_val), TokenSpan(path, dtype, n - n_val, n)
+
+
+class TokenSpan:
+    """Tokens start..stop of a token file, read when sliced (os.pread) and never mapped: training reads windows at
+    random places, and a mapping keeps every page it has touched resident, so the process would grow toward the
+    size of the file; reads go through the kernel's page cache, which it frees when memory is short."""
+
+    def __init__(self, path: Path, dtype: np.dtype, start: int, stop: int):
+        self.dtype, self.start, self.stop = np.dtype(dtype), start, stop
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        assert step == 1, "a span is read in contiguous slices"
+        size = self.dtype.itemsize
+        data = os.pread(self.fd, max(stop - start, 0) * size, (self.start + start) * size)
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
 
 
 def token_dtype(vocab_size: int):
@@ -217,18 +252,8 @@ def _open_token_file(folder: Path, tokenizer: Tokenizer | None) -> TokenFile:
     dtype = np.dtype(meta["dtype"])
     if (folder / "tokens.bin").stat().st_size != meta["n_tokens"] * dtype.itemsize:
         raise ValueError("token file size does not match its metadata")
-    return TokenFile(map_tokens(folder / "tokens.bin", dtype, meta["n_tokens"]), tokenizer, folder)
-
-
-def map_tokens(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
-    """The token file mapped read-only into memory, not read. Training reads windows at random places, so the
-    kernel is told not to read ahead: otherwise every window pulls in the megabytes around it, and the resident set
-    grows toward the size of the file."""
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mmap, "MADV_RANDOM"):  # Linux and macOS
-        mapped.madvise(mmap.MADV_RANDOM)
-    return np.frombuffer(mapped, dtype=dtype, count=count)
+    tokens = np.memmap(folder / "tokens.bin", dtype=dtype, mode="r", shape=(meta["n_tokens"],))
+    return TokenFile(tokens, tokenizer, folder)
 
 
 def _work_items(files: list[Path]) -> Iterator[tuple[str, str, bool]]:
@@ -266,28 +291,52 @@ def _tokenize_to_file(files: list[Path], tokenizer: Tokenizer, out: Path, quiet:
     bar = tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or total_bytes < PARALLEL_BYTES
     )
-    n = 0
     workers = min(os.cpu_count() or 1, 8)
-    with open(out, "wb") as f:
+    try:
         if total_bytes < PARALLEL_BYTES or workers == 1:
-            global _worker_tokenizer
-            _worker_tokenizer = tokenizer
-            results = map(_encode_item, _work_items(files))
-            pool = None
-        else:
-            ctx = multiprocessing.get_context("spawn")  # fork would copy a torch runtime with live threads
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.to_json(),))
-            results = pool.imap(_encode_item, _work_items(files), chunksize=1)
+            return _write_tokens(out, _encoded_here(files, tokenizer), bar)
         try:
-            for ids, n_bytes in results:
-                ids.tofile(f)
-                n += len(ids)
-                bar.update(n_bytes)
-        finally:
-            if pool is not None:
-                pool.terminate()
-            bar.close()
+            return _write_tokens(out, _encoded_in_workers(files, tokenizer, workers), bar)
+        except BrokenProcessPool:
+            warnings.warn(
+                "the tokenizing worker processes could not start (they import the main script again: a script "
+                'that trains with potion should run it under `if __name__ == "__main__":`); tokenizing in this '
+                "process instead"
+            )
+            bar.reset()
+            return _write_tokens(out, _encoded_here(files, tokenizer), bar)
+    finally:
+        bar.close()
+
+
+def _write_tokens(out: Path, encoded: Iterator[tuple[np.ndarray, int]], bar: tqdm) -> int:
+    n = 0
+    with open(out, "wb") as f:  # from the start: a retry in this process overwrites what the workers wrote
+        for ids, n_bytes in encoded:
+            ids.tofile(f)
+            n += len(ids)
+            bar.update(n_bytes)
     return n
+
+
+def _encoded_here(files: list[Path], tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, int]]:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+    return map(_encode_item, _work_items(files))
+
+
+def _encoded_in_workers(files: list[Path], tokenizer: Tokenizer, workers: int) -> Iterator[tuple[np.ndarray, int]]:
+    """The blocks encoded by `workers` processes, in order. At most two blocks per worker are in flight, so the
+    text is read only as fast as it is tokenized, never all ahead into memory."""
+    ctx = multiprocessing.get_context("spawn")  # fork would copy a torch runtime with live threads
+    with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=(tokenizer.to_json(),)) as pool:
+        pending: deque = deque()
+        for item in _work_items(files):
+            pending.append(pool.submit(_encode_item, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # ---------------------------------------------------------------- batches
@@ -296,18 +345,21 @@ def _tokenize_to_file(files: list[Path], tokenizer: Tokenizer, out: Path, quiet:
 class Batches:
     """Random windows of context_length + 1 tokens; the order is a seeded generator whose state can be saved."""
 
-    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int, split: str = "train"):
+    def __init__(self, tokens, context_length: int, batch_size: int, seed: int, split: str = "train"):
+        """tokens: an array or a TokenSpan (anything with len() and contiguous slices)."""
         if len(tokens) < context_length + 2:
             raise PotionError(
                 f"the {split} split has {len(tokens)} tokens; a context of {context_length} needs at least "
                 f"{context_length + 2}. Use more text or a smaller context (--set context_length=...)"
             )
-        self.windows = np.lib.stride_tricks.sliding_window_view(tokens, context_length + 1)
+        self.tokens, self.window = tokens, context_length + 1
+        self.n_windows = len(tokens) - context_length
         self.batch_size = batch_size
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.windows[self.rng.integers(0, len(self.windows), size=self.batch_size)]  # (B, T+1), one gather
+        starts = self.rng.integers(0, self.n_windows, size=self.batch_size)
+        rows = np.stack([self.tokens[s : s + self.window] for s in starts.tolist()])  # (B, T+1)
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 

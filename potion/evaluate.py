@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -37,8 +38,8 @@ def bits_per_byte(loss: float, bytes_per_token: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, tokens: np.ndarray, batch_size: int = 16, quiet: bool = False) -> dict:
-    """Mean next-token loss over non-overlapping context windows covering `tokens`.
+def evaluate(model, tokenizer, tokens, batch_size: int = 16, quiet: bool = False) -> dict:
+    """Mean next-token loss over non-overlapping context windows covering `tokens` (an array or a TokenSpan).
 
     bits_per_byte divides the total loss in bits by the UTF-8 bytes of the predicted text, which makes models
     with different tokenizers comparable.
@@ -47,10 +48,11 @@ def evaluate(model, tokenizer, tokens: np.ndarray, batch_size: int = 16, quiet: 
     T = model.config.context_length
     byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths())
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
-    windows = list(sequential_windows(tokens, T))
+    windows = sequential_windows(tokens, T)  # read a group at a time: a big split never sits in memory whole
+    n_groups = math.ceil(len(range(0, len(tokens) - 1, T)) / batch_size)
     model.eval()
-    for i in tqdm(range(0, len(windows), batch_size), desc="evaluating", disable=quiet, leave=False):
-        group = windows[i : i + batch_size]
+    for _ in tqdm(range(n_groups), desc="evaluating", disable=quiet, leave=False):
+        group = list(itertools.islice(windows, batch_size))
         for x, y in _same_length_runs(group):
             x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             logits = model(x)

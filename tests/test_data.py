@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from potion import DataConfig, PotionError
 from potion.data import Batches, find_files, prepare, read_blocks
@@ -141,3 +142,49 @@ def test_a_kill_while_tokenizing_leaves_no_cache_that_a_later_run_trusts(tmp_pat
     assert len(again.tokens) == corpus.stat().st_size + 1  # every character, then end-of-text
     assert np.array_equal(again.tokens, clean.tokens)
     assert not partial.exists()  # the killed process's leftovers are gone
+
+
+def resident_file_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status here (not Linux)")
+
+
+def test_training_batches_read_the_token_file_without_keeping_it_resident(tmp_path):
+    (tmp_path / "a.txt").write_text("".join(chr(97 + i % 26) for i in range(1 << 20)) * 40)  # 40 MB of tokens
+    token_file = prepare(DataConfig(data=str(tmp_path / "a.txt")), quiet=True)
+    train, _ = token_file.split(0.1)
+    before = resident_file_mb()
+    batches = Batches(train, 64, 32, seed=0)
+    for _ in range(300):  # 9,600 windows at random places: a mapping would keep megabytes around each resident
+        x, y = batches.next()
+    assert resident_file_mb() - before < 8
+    # the same windows as from the array in memory
+    in_memory = Batches(np.asarray(token_file.tokens[: len(train)]), 64, 32, seed=0)
+    again = Batches(train, 64, 32, seed=0)
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(in_memory.next(), again.next()))
+
+
+def test_tokenizing_workers_that_cannot_start_fall_back_to_this_process(tmp_path):
+    """Worker processes import the main script again; a script read from stdin cannot be, and an unguarded one
+    would run again in them. Tokenizing then finishes in the process itself instead of waiting forever."""
+    (tmp_path / "a.txt").write_text("".join(chr(97 + i % 26) for i in range(1 << 20)) * 17)  # 17 MB: workers
+    script = (
+        "from potion import DataConfig\n"
+        "from potion.data import prepare\n"
+        f"print(len(prepare(DataConfig(data={str(tmp_path / 'a.txt')!r}), quiet=True).tokens))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "POTION_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(17 * (1 << 20) + 1)
+    assert "the tokenizing worker processes could not start" in result.stderr
