@@ -63,6 +63,9 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_model_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    damaged = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if damaged is not None:  # potion never saves such weights: a flipped bit, or a file made to crash its reader
+        raise PotionError(f"'{source}' is damaged: {damaged} holds numbers that are not finite (NaN or inf)")
     if model.config.tie_embeddings:
         state.pop("head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)

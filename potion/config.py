@@ -60,7 +60,8 @@ class ModelConfig:
             raise PotionError("rope needs an even head size (n_embd / n_head)")
         _check_range(self, "model", "dropout", 0.0, 1.0, top_open=True)
         _check_range(self, "model", "rope_base", 1.0)
-        _check_range(self, "model", "logit_softcap", 0.0)
+        # logits beyond about 100 already give probabilities of exactly 0 and 1; a cap past float32's range is NaN
+        _check_range(self, "model", "logit_softcap", 0.0, MAX_SOFTCAP)
         if self.zero_init_head and self.tie_embeddings:
             raise PotionError("model.zero_init_head needs tie_embeddings = false (a tied head is the embedding)")
 
@@ -223,6 +224,7 @@ def _build(klass, values: dict, source: str):
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+MAX_SOFTCAP = 10_000.0
 MAX_BPE_VOCAB = 1 << 24  # token files store ids as uint32; the tokenizers library counts in 32 bits
 
 

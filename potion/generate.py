@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from .config import SamplingConfig  # lives with the other configs; importable from here too
+from .errors import PotionError
 from .hardware import DTYPES
 from .model import KVCache
 
@@ -54,11 +55,21 @@ def sample_next(
 ) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
     logits = logits.float()
+    if bool((logits.isnan() | logits.isposinf()).any()):  # -inf is a token ruled out; NaN and +inf are damage
+        raise not_finite()
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p)
     probs = logits.softmax(dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # finite logits can still overflow once divided by the temperature
+        raise not_finite()
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def not_finite() -> PotionError:
+    return PotionError(
+        "the model's next-token scores are not finite numbers (NaN or inf): its weights are damaged or too large"
+    )
 
 
 def prefill(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:

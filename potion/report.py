@@ -107,14 +107,15 @@ def report_evaluation(t: Training, done: bool) -> None:
     if done or time.time() - progress.last_plot >= PLOT_EVERY_SECONDS:
         plot_losses(t.run_dir, t.run_log.rows())
         progress.last_plot = time.time()
-    if tc.probe:  # attention and prediction for one prompt at every evaluation: watch them form
+    finite = math.isfinite(val_loss)  # a model gone NaN has nothing to show; the non-finite streak stops it
+    if tc.probe and finite:  # attention and prediction for one prompt at every evaluation: watch them form
         save_probe(t.model, t.tokenizer, tc.probe, t.run_dir, state.step)
     if t.quiet:
         return
     train_part = f"train loss {train_loss:.4f}, " if train_loss is not None else ""
     best = " (best)" if progress.best_step == state.step else ""
     log(f"step {state.step}: {train_part}val loss {val_loss:.4f}{best}")
-    if tc.sample_tokens and state.step > 0:
+    if tc.sample_tokens and state.step > 0 and finite:
         sample = sample_text(t.model, t.tokenizer, tc.sample_tokens, tc.seed + state.step, t.device)
         log("  | " + sample.replace("\n", "\n  | "))
 

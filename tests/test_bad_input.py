@@ -1,5 +1,6 @@
 """Bad input gets one clear line on stderr and exit code 2 (never a traceback), and leaves files on disk alone."""
 
+import importlib
 import json
 import os
 import resource
@@ -15,6 +16,8 @@ import torch
 from potion.cli import main
 from potion.config import resolve
 from potion.train import train
+
+training_loop = importlib.import_module("potion.train")  # the module: potion.train is also the function
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -216,6 +219,24 @@ def test_unknown_config_keys_and_wrong_types(capsys, tmp_path, toml, message):
 )
 def test_non_finite_and_out_of_range_training_numbers(capsys, tmp_path, flags, message):
     assert message in train_fails(capsys, tmp_path, "pydocs", *flags)
+
+
+def test_an_evaluation_gone_non_finite_is_neither_probed_nor_sampled(capsys, tmp_path, monkeypatch):
+    """Explaining or sampling a model whose loss is NaN would only fail; the non-finite streak check reports it."""
+    real = training_loop.estimate_loss
+    calls = []
+
+    def nan_after_step_0(*args):
+        calls.append(1)
+        return real(*args) if len(calls) <= 2 else float("nan")  # step 0 measures both splits
+
+    monkeypatch.setattr(training_loop, "estimate_loss", nan_after_step_0)
+    (tmp_path / "words.txt").write_text("the cat sat on a mat and the dog ran far away home\n" * 400)
+    probing = ["--set", "sample_tokens=5", "--probe", "the cat", "--max-steps", "10", "--eval-every", "5"]
+    code = main([str(a) for a in ["train", "--data", tmp_path / "words.txt", *SETS, *probing, "--out", tmp_path / "o"]])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err, err
+    assert [p.name for p in (tmp_path / "o" / "probes").iterdir()] == ["step-00000000.json"]
 
 
 def test_a_model_too_big_for_this_machine_is_refused_before_allocating(capsys, tmp_path):

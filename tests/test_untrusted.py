@@ -120,6 +120,24 @@ def test_100000_layers_of_width_65536_fail_fast_before_any_allocation(capsys, ru
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000  # KB: no model was built
 
 
+def test_weights_that_are_not_finite_or_overflow_are_one_line(capsys, run):
+    weights = ckpt.load_tensors(run / "model.safetensors")
+    damaged = {**weights, "final_norm.weight": weights["final_norm.weight"].clone()}
+    damaged["final_norm.weight"][3] = float("inf")  # what one flipped exponent bit does to a 1.0
+    ckpt.save_tensors(run / "model.safetensors", damaged)
+    for argv in commands(run):
+        assert one_line(capsys, argv, run) == (
+            f"'{run / 'model.safetensors'}' is damaged: final_norm.weight holds numbers that are not finite "
+            "(NaN or inf)"
+        )
+    huge = {**weights, "final_norm.weight": torch.full_like(weights["final_norm.weight"], 3e38)}  # finite, overflows
+    ckpt.save_tensors(run / "model.safetensors", huge)
+    assert one_line(capsys, ["generate", "--model", run, "--", "a"], run) == (
+        "the model's next-token scores are not finite numbers (NaN or inf): its weights are damaged or too large"
+    )
+    assert "are not finite numbers (NaN or inf)" in one_line(capsys, ["explain", "a", "--model", run], run)
+
+
 def test_resume_checks_the_checkpoint_it_would_load(capsys, run):
     # the newest checkpoint's weights come from a wider model; its COMPLETE marker is rewritten to match
     last = ckpt.complete_checkpoints(run)[-1]

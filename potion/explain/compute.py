@@ -73,6 +73,11 @@ def trace_forward(model, ids: list[int]) -> TracedForward:
     idx = torch.tensor([ids], dtype=torch.long, device=_device(model))
     trace: list[dict] = []
     logits = model(idx, trace=trace)[0].float()
+    if not bool(torch.isfinite(logits).all()):
+        raise PotionError(
+            "the model's next-token scores for this prompt are not finite numbers (NaN or inf): its weights are "
+            "damaged or too large"
+        )
     last = trace[-1]
     final_residual = (last["residual_in"] + last["attn_out"] + last["mlp_out"])[0]  # the block's own sum order
     raw = model.head(model.final_norm(final_residual)).float()

@@ -7,13 +7,12 @@ Probes saved during training (potion train --probe) become a step slider.
 
 from __future__ import annotations
 
-import json
 import re
 from importlib import resources
 from pathlib import Path
 
 from ..fileio import atomic_write_text
-from .schema import Explanation
+from .schema import Explanation, strict_json
 
 MAX_PROBES = 120  # steps kept for the slider; more are thinned evenly (the first and last are always kept)
 
@@ -41,7 +40,7 @@ def thin(items: list, limit: int) -> list:
 def render_html(e: Explanation, probes: list[Explanation] = ()) -> str:
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
     steps = [probe_summary(p) for p in thin(list(probes), MAX_PROBES)]
-    data = json.dumps({"explanation": e.to_dict(), "probes": steps}, ensure_ascii=False, allow_nan=False)
+    data = strict_json({"explanation": e.to_dict(), "probes": steps})
     data = data.replace("<", "\\u003c").replace(">", "\\u003e")  # nothing in the data can close the script tag
     title = f"potion explain: {e.prompt[:60]}".replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     fill = {"__TITLE__": title, "__DATA__": data}

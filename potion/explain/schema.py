@@ -233,7 +233,7 @@ class Explanation:
         return dataclasses.asdict(self)
 
     def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, indent=indent)
+        return strict_json(self.to_dict(), indent)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "explanation") -> Explanation:
@@ -269,6 +269,17 @@ def load_json(path: str | Path) -> Explanation:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PotionError(f"cannot read explain data '{p}' ({e})") from None
     return Explanation.from_dict(d, f"'{p}'")
+
+
+def strict_json(body, indent: int | None = None) -> str:
+    """JSON a browser parses: NaN and infinity, which JSON lacks, are one PotionError rather than invalid output."""
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=indent)
+    except ValueError:
+        raise PotionError(
+            "this explanation holds numbers that are not finite (NaN or inf): the model's weights are damaged or "
+            "too large"
+        ) from None
 
 
 def save_json(explanation: Explanation, path: str | Path) -> None:
