@@ -164,9 +164,10 @@ def load(run_dir: str | Path | None = None, device: str = "cpu") -> LoadedRun:
     """Load a trained model and its tokenizer from a run directory (default: the latest under ./runs), a Hugging
     Face GPT-2 folder, or a Hugging Face model name such as `gpt2`."""
     folder = latest_run() if run_dir is None else model_folder(run_dir)
-    config, tokenizer, weights = read_hf_model(folder) if is_hf_model(folder) else read_run(folder)
+    hugging_face = is_hf_model(folder)
+    config, tokenizer, weights = read_hf_model(folder) if hugging_face else read_run(folder)
     model = GPT(config.model)
-    load_model_state(model, weights, str(folder))
+    load_model_state(model, weights, str(folder if hugging_face else folder / "model.safetensors"))
     model.to(device).eval()
     return LoadedRun(folder, config, model, tokenizer)
 
