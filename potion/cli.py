@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     except PotionError as e:
         if args.debug:
             raise
-        print(f"potion: error: {with_flag(e, args)}", file=sys.stderr)
+        message = " ".join(with_flag(e, args).splitlines())  # one line, whatever text from a file it quotes
+        print(f"potion: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a second Ctrl-C (or SIGTERM) during training, or one outside it
         print("\npotion: interrupted", file=sys.stderr)

@@ -129,6 +129,14 @@ def orthogonalise(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return (x.mT if transposed else x).reshape(shape)
 
 
+def state_slots(optimizer: torch.optim.Optimizer) -> set[str]:
+    """The state an optimizer keeps for each parameter once it has stepped: what a checkpoint must hold for it."""
+    if isinstance(optimizer, Muon):
+        return {"momentum_buffer"}
+    amsgrad = any(group.get("amsgrad") for group in optimizer.param_groups)
+    return {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum, then an orthogonalised update. potion's own rather than torch.optim.Muon: it orthogonalises all
     matrices of one shape in one batched product, and like fused AdamW it honours `found_inf`, so a step with a

@@ -23,6 +23,7 @@ import torch
 
 from .config import ModelConfig, RunConfig
 from .errors import PotionError
+from .optim import state_slots
 
 MAX_HEADER_BYTES = 64 << 20  # GPT-2 small's header is about 15 KB; a header this big is not a model potion wrote
 DTYPE_BYTES = {
@@ -187,29 +188,42 @@ def human_bytes(n: float) -> str:
 
 def check_optimizer_file(path: Path, optimizers: list[torch.optim.Optimizer]) -> None:
     """optimizer.safetensors against the optimizers it will be loaded into: each state tensor belongs to one of
-    their parameters and has its shape (or is a scalar, such as AdamW's step count); the random generators' states
-    have the sizes torch expects."""
+    their parameters, has the shape its slot needs (the parameter's, or a scalar step count), and each parameter
+    has the slots its optimizer reads; the random generators' states have the sizes torch expects."""
     header = read_header(path)
+    check_rng_states(path, {name: entry for name, entry in header.items() if name.startswith("rng.")})
     params = [[p for group in opt.param_groups for p in group["params"]] for opt in optimizers]
-    expected_rng = {"rng.torch_cpu": tuple(torch.get_rng_state().shape)}
+    slots: dict[tuple[int, int], set[str]] = {}
     for name, (dtype, shape) in header.items():
         if name.startswith("rng."):
-            want = expected_rng.get(name, shape if name.startswith("rng.cuda_") else None)
-            if dtype != "U8" or shape != want:
-                raise PotionError(f"'{path}' does not match this run: {name} is not a random generator's state")
             continue
         parts = name.split(".", 2)
         index = [int(p) if p.isdigit() else -1 for p in parts[:2]]
         if len(parts) < 3 or not 0 <= index[0] < len(params) or not 0 <= index[1] < len(params[index[0]]):
             raise PotionError(f"'{path}' does not match this run's model: it has {name}, which belongs to no weight")
-        param_shape = tuple(params[index[0]][index[1]].shape)
-        if dtype not in FLOAT_DTYPES or shape not in (param_shape, ()):
+        want = () if parts[2] == "step" else tuple(params[index[0]][index[1]].shape)
+        if dtype not in FLOAT_DTYPES or shape != want:
             raise PotionError(
-                f"'{path}' does not match this run's model: {name} is {dtype} {list(shape)}, its weight is "
-                f"{list(param_shape)}"
+                f"'{path}' does not match this run's model: {name} is {dtype} {list(shape)}; it should be a "
+                f"float of shape {list(want)}"
             )
+        slots.setdefault((index[0], index[1]), set()).add(parts[2])
+    for (i, j), names in slots.items():
+        if names != state_slots(optimizers[i]):
+            raise PotionError(
+                f"'{path}' does not match this run's optimizer: weight {j} of optimizer {i} has the state "
+                f"{sorted(names)}; it keeps {sorted(state_slots(optimizers[i]))}"
+            )
+
+
+def check_rng_states(path: Path, header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """The CPU generator's state (and any CUDA ones) as bytes of the size torch's generators have."""
     if "rng.torch_cpu" not in header:
         raise PotionError(f"'{path}' does not match this run: it has no rng.torch_cpu")
+    cpu_shape = tuple(torch.get_rng_state().shape)
+    for name, (dtype, shape) in header.items():
+        if dtype != "U8" or not (name == "rng.torch_cpu" and shape == cpu_shape or name.startswith("rng.cuda_")):
+            raise PotionError(f"'{path}' does not match this run: {name} is not a random generator's state")
 
 
 # ---------------------------------------------------------------- memory for a training

@@ -110,7 +110,7 @@ def read_config(run_dir: Path) -> RunConfig:
     version = body.pop("format_version", None)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise PotionError(
-            f"'{run_dir}' was written by a newer potion (format {version}; this one reads up to "
+            f"'{run_dir}' was written by a newer potion (format {version!r}; this one reads up to "
             f"{FORMAT_VERSION}); upgrade potion"
         )
     return RunConfig.from_dict(body, str(path))

@@ -263,6 +263,9 @@ def test_run_directory_from_a_newer_potion(capsys, copy_of):
     ):
         line = error_line(capsys, argv, copy_of)
         assert f"'{copy_of}' was written by a newer potion (format 99; this one reads up to 1); upgrade potion" in line
+    # text from the file is quoted, and the error stays one line whatever it holds (found by tests/test_fuzz_cli.py)
+    (copy_of / "config.json").write_text(json.dumps({**body, "format_version": "1\n2"}))
+    assert "(format '1\\n2'; this one reads up to 1)" in error_line(capsys, ["generate", "--model", copy_of], copy_of)
 
 
 def test_corrupt_config_json(capsys, copy_of):
