@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -307,6 +308,16 @@ def read_log(path: Path) -> list[dict]:
     return [row for line in lines if (row := RunLog.parse(line)) is not None]
 
 
+def loss_points(rows: list[dict], kind: str, key: str) -> list[tuple[int, float]]:
+    """(step, loss) of the rows of one kind whose loss is a finite number: a row from a log that was edited or
+    damaged is left out, not plotted."""
+    return [
+        (r["step"], r[key])
+        for r in rows
+        if r.get("kind") == kind and type(r.get(key)) in (int, float) and math.isfinite(r[key])
+    ]
+
+
 def plot_losses(run_dir: Path, rows: list[dict]) -> None:
     """loss.png: the batch losses, and the train and validation losses of every evaluation."""
     import matplotlib
@@ -314,16 +325,15 @@ def plot_losses(run_dir: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    measured = [r for r in evals if r.get("train_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), color="#bbb", lw=1, label="train (batch)")
-    if measured:
-        ax.plot([r["step"] for r in measured], [r["train_loss"] for r in measured], "o-", label="train (eval)")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    for kind, key, style, label in (
+        ("train", "loss", dict(color="#bbb", lw=1), "train (batch)"),
+        ("eval", "train_loss", dict(marker="o"), "train (eval)"),
+        ("eval", "val_loss", dict(marker="o"), "validation"),
+    ):
+        points = loss_points(rows, kind, key)
+        if points:
+            ax.plot(*zip(*points), label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(run_dir.name)

@@ -254,3 +254,11 @@ def test_a_run_trained_here_passes_its_own_checks(trained):
     for checkpoint in ckpt.complete_checkpoints(trained):
         check_weights_match(ModelConfig(**config), checkpoint / "model.safetensors")
     assert os.path.getsize(trained / "model.safetensors") > 0
+
+
+def test_a_damaged_log_is_plotted_without_its_damaged_rows(capsys, run):
+    with open(run / "log.jsonl", "a") as f:  # a key and a value with a flipped bit, and a row of another kind
+        f.write('{"kind": "eval", "step": 3, "val_lo3s": 2.5}\n{"kind": "eval", "step": 4, "val_loss": "2.#"}\n')
+        f.write('{"kind": "train", "step": 4, "loss": Infinity}\n')
+    assert main(["train", "--resume", "--out", str(run), "--max-steps", "6", "--quiet"]) == 0, capsys.readouterr().err
+    assert (run / "loss.png").stat().st_size > 0
