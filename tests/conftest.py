@@ -1,4 +1,5 @@
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,13 @@ def shakespeare():
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is not here (the tests look for ../shared/data beside the project)")
     return SHAKESPEARE
+
+
+@pytest.fixture
+def quiet_machine(monkeypatch):
+    """One thread (two threads of a tiny model mostly wait for each other), and warnings routed back after main()."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    shown = warnings.showwarning
+    yield
+    warnings.showwarning = shown  # main() routes warnings to one "potion: warning:" line

@@ -7,11 +7,10 @@ import resource
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_settings import TINY
 
 from potion.cli import main
 from potion.config import resolve
@@ -20,26 +19,8 @@ from potion.train import train
 training_loop = importlib.import_module("potion.train")  # the module: potion.train is also the function
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "n_layer=2",
-    "n_embd=32",
-    "n_head=2",
-    "context_length=32",
-    "batch_size=8",
-    "eval_batches=2",
-    "sample_tokens=0",
-    "warmup_steps=5",
-]
+pytestmark = pytest.mark.usefixtures("quiet_machine")
 SETS = [a for s in TINY for a in ("--set", s)]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_machine(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    shown = warnings.showwarning
-    yield
-    warnings.showwarning = shown  # main() routes warnings to one "potion: warning:" line
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_settings import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import potion.checkpoint as ckpt
@@ -31,16 +32,6 @@ from potion.train import train
 
 training_loop = importlib.import_module("potion.train")  # the module: potion.train is also the function
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "n_layer=2",
-    "n_embd=32",
-    "n_head=2",
-    "context_length=32",
-    "batch_size=8",
-    "eval_batches=2",
-    "sample_tokens=0",
-    "warmup_steps=5",
-]
 # One thread: on a small shared machine two threads of a tiny model mostly wait for each other.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 

@@ -7,11 +7,11 @@ import resource
 import shutil
 import struct
 import time
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_settings import TINY
 
 import potion.checkpoint as ckpt
 from potion.cli import main
@@ -22,28 +22,9 @@ from potion.model import GPT
 from potion.preflight import check_weights_match, expected_tensors, read_header
 from potion.train import train
 
-TINY = [
-    "n_layer=2",
-    "n_embd=32",
-    "n_head=2",
-    "context_length=32",
-    "batch_size=8",
-    "eval_batches=2",
-    "sample_tokens=0",
-    "warmup_steps=5",
-]
-
+pytestmark = pytest.mark.usefixtures("quiet_machine")
 
 TINY_RECIPE = dict(positions="rope", norm="rmsnorm", mlp_activation="relu2", qk_norm=True, bias=False)  # tiny's
-
-
-@pytest.fixture(autouse=True)
-def _quiet_machine(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    shown = warnings.showwarning
-    yield
-    warnings.showwarning = shown  # main() routes warnings to one "potion: warning:" line
 
 
 @pytest.fixture(scope="module")
