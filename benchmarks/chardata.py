@@ -7,12 +7,25 @@ trainer difference, not a different sample of the text.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def default_data() -> Path:
+    """Tiny Shakespeare: $POTION_DATA, else ../shared/data beside the project, else a shared/data inside it (the
+    copy that travels to a GPU machine with the working tree; scripts/gpu-check says how to make it)."""
+    if os.environ.get("POTION_DATA"):
+        return Path(os.environ["POTION_DATA"])
+    beside, inside = (root / "shared" / "data" / "tinyshakespeare.txt" for root in (PROJECT.parent, PROJECT))
+    return inside if inside.is_file() and not beside.is_file() else beside
+
+
+DEFAULT_DATA = default_data()
 
 
 def load_chars(path: Path = DEFAULT_DATA):

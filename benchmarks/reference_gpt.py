@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from chardata import DEFAULT_DATA, fixed_val_batches, load_chars, sample_batch, val_windows
 from machine import emit, matmul_peak_tflops, physical_cores, result, synchronize
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
@@ -99,14 +101,14 @@ class ReferenceGPT(nn.Module):
         return logits, loss
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1):
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, fused: bool = False):
     # Decay only matrices (weights, embeddings), not biases or LayerNorm gains, as nanoGPT does.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused or None)
 
 
 def cosine_lr(step: int, lr: float, warmup: int, decay_steps: int, min_lr: float) -> float:
@@ -134,15 +136,18 @@ def train_reference(
     eval_fn=None,
     stop=None,
     clock_start=None,
+    dtype=torch.float32,
 ):
     """Train ``steps`` optimizer steps; return per-step seconds and the evaluations made.
 
     ``eval_fn()`` (if given) runs at step 0, every ``eval_every`` steps and after the last step;
     its time is kept out of ``train_seconds``. ``stop(step, loss)`` returning True ends training
-    early. Step timings include batch sampling, since a real trainer pays for that too.
+    early. Step timings include batch sampling, since a real trainer pays for that too. dtype bf16 runs the
+    forward pass under autocast (the GPU recipe: bf16, compiled, fused AdamW).
     """
     gen = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(model, lr_at(0))
+    opt = make_optimizer(model, lr_at(0), fused=torch.device(device).type == "cuda")
+    device_type = torch.device(device).type
     step_seconds, evals = [], []
     t_start = time.perf_counter() if clock_start is None else clock_start  # wall_seconds count from here
 
@@ -169,7 +174,8 @@ def train_reference(
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1)
         x, y = sample_batch(train_ids, batch, context, gen, device)
-        _, loss = model(x, y)
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -222,6 +228,9 @@ def parse_args(argv=None):
     ap.add_argument("--mode", choices=["speed", "time-to-loss"], required=True)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="speed: bf16 autocast (the GPU recipe)")
+    ap.add_argument("--compile", action="store_true", help="speed: torch.compile the model (the GPU recipe)")
+    ap.add_argument("--vocab-size", type=int, help="speed: this many token ids (default: the file's characters)")
     for flag, typ, default, help_ in OPTIONS:
         ap.add_argument(flag, type=typ, default=default, help=help_)
     ap.add_argument("--stop-at-target", action="store_true", help="end training once the target is reached")
@@ -239,6 +248,7 @@ def run_speed(args, model, train_ids, tokens_per_step):
         lr_at=lambda s: args.lr,
         device=args.device,
         seed=args.seed,
+        dtype=DTYPES[args.dtype],
     )
     timed = secs[warmup:]
     median = statistics.median(timed)
@@ -252,7 +262,7 @@ def run_speed(args, model, train_ids, tokens_per_step):
         ms_per_step_max=round(max(timed) * 1e3, 2),
         tokens_per_second=round(tokens_per_step / median, 1),
         model_tflops=round(flops_per_token * tokens_per_step / median / 1e12, 4),
-        matmul_peak_tflops_fp32=round(matmul_peak_tflops(args.device, torch.float32), 4),
+        **{f"matmul_peak_tflops_{args.dtype}": round(matmul_peak_tflops(args.device, DTYPES[args.dtype]), 4)},
     )
 
 
@@ -311,10 +321,12 @@ def main(argv=None):
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     t0 = time.perf_counter()  # time to loss counts from here: data, model and optimizer set-up included
     train_ids, val_ids, vocab = load_chars(args.data)
+    vocab = args.vocab_size or vocab
     data_seconds = time.perf_counter() - t0
     model = ReferenceGPT(vocab, args.n_layer, args.n_head, args.n_embd, args.context, args.dropout).to(args.device)
     record = {
-        **result(f"reference_gpt.{args.mode}", args.device, torch.float32),
+        **result(f"reference_gpt.{args.mode}", args.device, DTYPES[args.dtype]),
+        "compile": args.compile,
         "n_layer": args.n_layer,
         "n_head": args.n_head,
         "n_embd": args.n_embd,
@@ -328,7 +340,7 @@ def main(argv=None):
     }
     tokens_per_step = args.batch * args.context
     if args.mode == "speed":
-        record.update(run_speed(args, model, train_ids, tokens_per_step))
+        record.update(run_speed(args, torch.compile(model) if args.compile else model, train_ids, tokens_per_step))
     else:
         record.update(run_time_to_loss(args, model, train_ids, val_ids, tokens_per_step, t0))
     emit(record)
