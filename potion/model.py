@@ -29,8 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+    def forward(self, x):  # the gain in x's dtype: a bf16 input with an fp32 gain falls off the fused kernel
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -105,7 +105,7 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def split_heads(self, x):  # (B, T, C) -> (B, H, T, D)
         B, T, _ = x.shape
@@ -136,8 +136,7 @@ class Attention(nn.Module):
         if trace is not None:
             y = self.explicit_attention(q, k, v, start, trace)
         elif start == 0:
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)  # (B, H, T, D)
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, H, T, D)
         elif T == 1:  # one new token sees every cached one: no mask needed
             y = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -156,6 +155,67 @@ class Attention(nn.Module):
         return context
 
 
+def causal_attention(q, k, v, dropout: float) -> torch.Tensor:
+    """softmax(q.k / sqrt(D)) . v over each token and the ones before it, with dropout on the attention weights.
+
+    On a GPU: the fused kernel (flash attention). A CPU does better two other ways (benchmarks/attention_cpu.py):
+    with dropout, torch falls back to a path that draws every weight's dropout bit from its slowest generator and
+    does the arithmetic in fp32, so the weights are computed here in the input's precision, with random bits drawn
+    four to a word; without dropout, the bf16 kernel's backward pass is slow on short sequences, so those go
+    through the fp32 kernel.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+    with torch.autocast("cpu", enabled=False):  # the precision is chosen here, not by autocast's op lists
+        if dropout > 0:
+            return attention_with_dropout(q, k, v, dropout)
+        if q.dtype == torch.bfloat16 and q.size(-2) <= 128:
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).type_as(q)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def attention_with_dropout(q, k, v, p: float) -> torch.Tensor:
+    """Causal attention step by step; each weight is dropped with probability p, and the kept ones scaled up.
+    Both scalings act on the (B, H, T, D) side rather than the T times T weights: the same numbers, less work."""
+    T = q.size(-2)
+    scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)  # (B, H, T, T)
+    weights = scores.masked_fill(~causal_mask(T, T, 0, q.device), float("-inf")).softmax(dim=-1)
+    return (weights.masked_fill(drop_mask(weights.shape, p, q.device), 0.0) @ v) * (1.0 / (1.0 - p))
+
+
+def drop_mask(shape: torch.Size, p: float, device) -> torch.Tensor:
+    """Booleans that are True with probability p (to 1 part in 65,536), from torch's generator: one 64-bit draw
+    gives four 16-bit numbers, a quarter of the draws of a Bernoulli per element."""
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    return words.view(torch.int16)[:n].view(shape) < round(p * 65536) - 32768
+
+
+class Dropout(nn.Module):
+    """Zero each number with probability p while training, scaling the rest by 1 / (1 - p). On a CPU with the
+    random bits of drop_mask: torch's own dropout draws one Bernoulli per number, and took a fifth of a
+    shakespeare-char training step."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return x.masked_fill(drop_mask(x.shape, self.p, x.device), 0.0) * (1.0 / (1.0 - self.p))
+
+
+def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's precision (bf16) when autocast is on: cast once here rather than by each of the layers that
+    read it (query, key and value would each make their own copy)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 def causal_mask(t_query: int, t_key: int, start: int, device) -> torch.Tensor:
     """(t_query, t_key) booleans: query i (at position start + i) may see keys 0 .. start + i."""
     return torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(diagonal=start)
@@ -170,7 +230,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.activation = config.mlp_activation
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         h = self.up(x)  # (B, T, 4C)
@@ -187,7 +247,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, rope=None, cache=None, start=0, trace: dict | None = None, value_embedding=None):
-        attn_out = self.attn(self.norm1(x), rope, cache, start, trace, value_embedding)
+        attn_out = self.attn(in_compute_dtype(self.norm1(x)), rope, cache, start, trace, value_embedding)
         x = x + attn_out  # residual link around attention
         mlp_out = self.mlp(self.norm2(x))
         if trace is not None:
@@ -208,7 +268,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         if config.value_embeddings:  # a token's identity fed straight into what it passes on, in every layer
             self.value_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config, config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from potion import GPT, ModelConfig
+from potion.model import Dropout, attention_with_dropout, causal_attention, drop_mask
 
 
 def small_config(**kw):
@@ -100,3 +101,52 @@ def test_sequence_longer_than_context_is_refused():
     model = GPT(small_config())
     with pytest.raises(ValueError):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_dropout_drops_each_number_with_probability_p():
+    torch.manual_seed(3)
+    dropped = drop_mask((400, 500), 0.2, "cpu")
+    assert abs(dropped.float().mean().item() - 0.2) < 0.005
+    assert not torch.equal(dropped, drop_mask((400, 500), 0.2, "cpu"))  # fresh draws each time
+
+
+def test_attention_with_dropout_is_causal_and_unbiased():
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
+    exact = causal_attention(q, k, v, 0.0)
+    draws = torch.stack([attention_with_dropout(q, k, v, 0.3) for _ in range(4000)])
+    torch.testing.assert_close(draws.mean(0), exact, atol=0.05, rtol=0)  # on average, attention without dropout
+    assert draws.std(0).mean() > 0.1  # and each draw really drops weights
+    later = k.clone()
+    later[:, :, 6:] += 1.0
+    torch.manual_seed(5)
+    a = attention_with_dropout(q, k, v, 0.3)
+    torch.manual_seed(5)
+    b = attention_with_dropout(q, later, v, 0.3)
+    torch.testing.assert_close(a[:, :, :6], b[:, :, :6])  # no token sees a later one
+    assert not torch.allclose(a[:, :, 6:], b[:, :, 6:])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_cpu_attention_under_bf16_autocast_follows_the_fp32_result(dropout):
+    torch.manual_seed(6)
+    model = GPT(small_config(positions="rope", norm="rmsnorm", qk_norm=True, dropout=dropout))
+    idx = torch.randint(0, 50, (2, 16))
+    torch.manual_seed(7)
+    loss32 = model(idx, idx)[1]
+    torch.manual_seed(7)  # the same dropout draws
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = model(idx, idx)[1]
+    loss16.backward()
+    assert abs(loss16.item() - loss32.item()) < 0.05
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_dropout_scales_the_kept_numbers_and_is_off_in_eval():
+    torch.manual_seed(8)
+    dropout, x = Dropout(0.25), torch.randn(300, 400)
+    y = dropout(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    assert dropout.eval()(x) is x

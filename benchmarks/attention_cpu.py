@@ -1,0 +1,81 @@
+"""Causal attention's forward + backward on a CPU, in the ways potion could run it, at the presets' shapes.
+
+potion.model.causal_attention picks among these on a CPU; this is the measurement behind its choice. Each figure is
+the median milliseconds of one layer's attention, forward and backward, over --reps calls after two untimed ones.
+
+Usage (from the project root):
+    python benchmarks/attention_cpu.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from machine import emit, result  # noqa: E402
+
+from potion.hardware import set_threads  # noqa: E402
+from potion.model import attention_with_dropout  # noqa: E402
+
+# (preset, batch, heads, tokens, head size, dropout)
+SHAPES = [
+    ("tiny", 16, 4, 64, 32, 0.0),
+    ("shakespeare-fast", 32, 4, 128, 64, 0.1),
+    ("shakespeare-char", 64, 6, 256, 64, 0.2),
+]
+
+
+def median_ms(fn, shape: tuple, dtype: torch.dtype, reps: int) -> float:
+    q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(*shape, dtype=dtype)
+    times = []
+    for i in range(reps + 2):
+        started = time.perf_counter()
+        fn(q, k, v).backward(grad)
+        if i >= 2:
+            times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1e3, 2)
+
+
+def ways(p: float) -> dict:
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+
+    def sdpa_in_fp32(q, k, v):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=p).type_as(q)
+
+    found = {"sdpa": sdpa, "sdpa_in_fp32": sdpa_in_fp32}
+    if p > 0:
+        found["step_by_step_with_fast_dropout"] = lambda q, k, v: attention_with_dropout(q, k, v, p)
+    return found
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    threads = set_threads()
+    for preset, *shape, p in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            figures = {name: median_ms(fn, tuple(shape), dtype, args.reps) for name, fn in ways(p).items()}
+            emit(
+                {
+                    **result("attention_cpu", "cpu", dtype, threads),
+                    "preset": preset,
+                    "shape_bhtd": shape,
+                    "dropout": p,
+                    "ms_forward_backward": figures,
+                }
+            )
+
+
+if __name__ == "__main__":
+    main()
