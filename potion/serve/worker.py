@@ -118,9 +118,10 @@ class ModelWorker:
                     break
                 while self.waiting and len(active) < self.max_active:
                     active.append(self.waiting.popleft())
-            job = active.popleft()
-            if self.step(job):
-                active.append(job)
+            if self.step(active[0]):  # the job stays in active while it steps: counts() includes it
+                active.rotate(-1)
+            else:
+                active.popleft()
         for job in [*active, *self.waiting]:
             job.steps.close()
             job.deliver(Event("error", ShuttingDown("the server is shutting down")))
