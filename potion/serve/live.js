@@ -1,7 +1,7 @@
 "use strict";
 // The live page: the explain page's script above draws; this part asks potion serve for what to draw.
 const LIVE = DATA.live;
-const DEBOUNCE_MS = 250, POLL_MS = 3000, POLL_IDLE_MS = 15000;
+const DEBOUNCE_MS = 250, POLL_MS = 3000;  // a training may start (or resume) while the page is open
 let apiKey = sessionStorage.getItem("potion-api-key") || "";
 let explaining = null, typing = null, generating = null;
 
@@ -124,12 +124,10 @@ function drawLosses(losses, pid) {
 }
 
 async function pollTraining() {
-  let training = null;
   try {
     const r = await fetch("/api/training", { headers: headers() });
     if (r.ok) {
       const t = await r.json();
-      training = t.training;
       if (t.losses || t.probes.length) {
         $("training-section").hidden = false;
         if (t.losses) drawLosses(t.losses, t.training);
@@ -137,7 +135,7 @@ async function pollTraining() {
       }
     }
   } catch (_) { /* the server has gone: try again later */ }
-  setTimeout(pollTraining, training ? POLL_MS : POLL_IDLE_MS);
+  setTimeout(pollTraining, POLL_MS);
 }
 
 $("title").textContent = `potion serve: ${LIVE.model}`;
