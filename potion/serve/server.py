@@ -16,6 +16,7 @@ import warnings
 import uvicorn
 
 from ..errors import PotionError
+from ..hardware import set_threads
 from .app import build_app
 from .served import ServedModel
 from .worker import ModelWorker
@@ -63,6 +64,7 @@ def url(sock: socket.socket) -> str:
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> int:
+    set_threads()  # one per physical core, or OMP_NUM_THREADS on a machine shared with other work
     served = ServedModel(model)
     sock = listen(host, port)
     warning = reach_warning(sock.getsockname()[0], api_key)
