@@ -76,7 +76,8 @@ class Server:
     def request(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
         """(status, JSON body) of one request; body is sent as is when it is bytes, else as JSON."""
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        headers = {"Content-Type": "application/json", **(headers or {})}
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, json.loads(r.read())

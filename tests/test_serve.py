@@ -202,10 +202,26 @@ def test_bad_request_is_its_4xx_with_one_message(server, body, status, message):
     assert "\n" not in answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
 
 
+def test_only_json_requests_that_name_this_machine_are_answered(server):
+    """What another site's page could make a browser send: a form or plain text (no JSON), or, after DNS
+    rebinding, requests with that site's name in Host."""
+    body = json.dumps({"model": MODEL, "prompt": "ab"}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", ""):
+        status, answer = server.request("POST", "/v1/completions", body, {**AUTH, "Content-Type": kind})
+        assert (
+            status == 415
+            and "send the body as JSON with 'Content-Type: application/json'" in answer["error"]["message"]
+        )
+    status, answer = server.request("GET", "/", headers={"Host": "evil.example:8000"})
+    assert status == 403 and "not 'evil.example:8000'" in answer["error"]["message"]
+    assert server.request("GET", "/api/health", headers={**AUTH, "Host": "localhost"})[0] == 200
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     sock = socket.create_connection((urlsplit(server.url).hostname, urlsplit(server.url).port))
     head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {2 << 20}\r\n\r\n"
+        f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {2 << 20}\r\n\r\n"
     )
     sock.sendall(head.encode())  # and not the 2 MB it announces
     response = http.client.HTTPResponse(sock)
@@ -316,7 +332,7 @@ def test_a_client_that_leaves_stops_its_generation(flat_run):
         assert seconds_until_idle(server) < 4096 * per_token / 4  # far sooner than the 4096 tokens would take
         sock = socket.create_connection(urlsplit(server.url)[1].split(":"))  # the same, waiting for one response
         body = json.dumps({"model": "flat", "max_tokens": 4096, "temperature": 0}).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
         sock.sendall(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         time.sleep(0.3)
         sock.close()

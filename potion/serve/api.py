@@ -32,6 +32,14 @@ MAX_BODY = 1 << 20  # bytes; a prompt is at most a context's worth of tokens tha
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The body of a JSON request. Another site's page can make a browser send a form or plain text here without
+    asking first, but not JSON: so only JSON is read."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = f"Content-Type {media_type!r}" if media_type else "no Content-Type"
+        raise ApiError(
+            f"send the body as JSON with 'Content-Type: application/json' (this request has {shown})", status=415
+        )
     too_big = ApiError(f"the request body is larger than {limit // 1024} KiB", status=413)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:

@@ -17,7 +17,9 @@ import sys
 import traceback
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -28,11 +30,18 @@ from .live import LiveRoutes
 from .served import ServedModel
 from .worker import ModelWorker
 
+LOCAL_NAMES = {"127.0.0.1", "localhost", "[::1]"}
+
 
 def build_app(
-    served: ServedModel, api_key: str | None = None, worker: ModelWorker | None = None, on_start=None
+    served: ServedModel,
+    api_key: str | None = None,
+    worker: ModelWorker | None = None,
+    on_start=None,
+    local_only: bool = True,
 ) -> Starlette:
-    """The application; on_start() is called once the model thread runs and before requests are taken."""
+    """The application; on_start() is called once the model thread runs and before requests are taken.
+    local_only: answer only requests addressed to this machine by name (for a server on a loopback address)."""
     worker = worker or ModelWorker()
     api, live = OpenAIRoutes(served, worker), LiveRoutes(served, worker, needs_key=bool(api_key))
 
@@ -64,9 +73,32 @@ def build_app(
             worker.stop()
 
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: internal_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = [Middleware(LocalNamesOnly)] if local_only else []
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
     app.state.worker = worker
     return app
+
+
+class LocalNamesOnly:
+    """A web page on another site can make the browser send requests to 127.0.0.1, and with DNS rebinding read
+    the answers too; such requests name the other site in their Host header, so a loopback server answers only
+    requests that name this machine."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "")
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+            if name.lower() not in LOCAL_NAMES:
+                message = (
+                    f"this server answers requests for 127.0.0.1 or localhost only, not {host!r}; start potion serve "
+                    "with --host to serve it under another name"
+                )
+                await ApiError(message, status=403).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def check_key(request: Request, api_key: str | None) -> None:

@@ -82,7 +82,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
         )
 
     worker = ModelWorker()
-    app = build_app(served, api_key, worker, on_start=announce)
+    local = ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+    app = build_app(served, api_key, worker, on_start=announce, local_only=local)
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=GRACE_SECONDS
     )
