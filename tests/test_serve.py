@@ -38,6 +38,7 @@ def server(run_dir):
     s = Server(run_dir, "--api-key", KEY)
     yield s
     s.stop()
+    assert "Traceback" not in "".join(s.stderr)  # every bad request was answered, none crashed a handler
 
 
 @pytest.fixture(scope="module")

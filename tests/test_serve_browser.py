@@ -57,6 +57,7 @@ def server(run_dir):
     s = Server(run_dir)
     yield s
     s.stop()
+    assert "Traceback" not in "".join(s.stderr)  # every bad request was answered, none crashed a handler
 
 
 COUNT_MUTATIONS = """() => {

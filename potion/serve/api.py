@@ -78,6 +78,14 @@ def job_error(error: BaseException) -> ApiError:
     return ApiError(f"internal error ({type(error).__name__}: {error}); the server's log has the traceback", status=500)
 
 
+async def job_result(job: Job):
+    """The value the job returns, or its failure as the ApiError its client gets."""
+    try:
+        return await job.result()
+    except Exception as e:
+        raise job_error(e) from None
+
+
 async def until_disconnected(request: Request) -> None:
     """Returns when the client closes its connection (the request body has been read by then)."""
     while (await request.receive())["type"] != "http.disconnect":

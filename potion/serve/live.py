@@ -23,9 +23,8 @@ from ..errors import PotionError
 from ..explain import explain, load_json
 from ..explain.html import MAX_PROBES, probe_summary, render_page, thin
 from ..run import LOCK_NAME, RunLock, loss_points, read_log
-from .api import parse, submit, while_connected
+from .api import job_result, parse, submit, while_connected
 from .completions import MAX_TOKENS
-from .errors import ApiError
 from .served import file_stamp
 from .worker import ModelWorker, single_step
 
@@ -147,7 +146,7 @@ class LiveRoutes:
     async def explain(self, request: Request) -> Response:
         body: ExplainRequest = await parse(request, ExplainRequest)
         job = submit(self.worker, single_step(self.explained, body))
-        result = await while_connected(request, job, job.result())
+        result = await while_connected(request, job, job_result(job))
         if result is None:
             return Response(status_code=499)
         return Response(result, media_type="application/json")
@@ -155,11 +154,7 @@ class LiveRoutes:
     def explained(self, body: ExplainRequest) -> str:
         """The explanation as JSON, made on the model thread (and turned into text there: it can be large)."""
         model, tokenizer = self.served.current()
-        try:
-            e = explain(model, body.prompt, tokenizer, body.token, body.layer, body.head, body.top_k)
-            return e.to_json()
-        except PotionError as e:
-            raise ApiError(str(e), e.setting or "prompt") from None
+        return explain(model, body.prompt, tokenizer, body.token, body.layer, body.head, body.top_k).to_json()
 
     async def training_state(self, request: Request) -> Response:
         return JSONResponse(await run_in_threadpool(self.training.state))
