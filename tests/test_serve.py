@@ -342,6 +342,24 @@ def test_a_client_that_leaves_stops_its_generation(flat_run):
         server.stop()
 
 
+def test_weights_a_training_saves_are_served(tmp_path):
+    run = make_run(tmp_path / "flat", flat=True)
+    server = Server(run)
+    try:
+        body = {"model": "flat", "prompt": "ab", "max_tokens": 8, "temperature": 0}
+        flat = reference(potion.load(run), "ab", max_new_tokens=8, temperature=0)
+        assert server.request("POST", "/v1/completions", body)[1]["choices"][0]["text"] == flat[0] == "\n" * 8
+        trained = make_run(tmp_path / "trained")
+        (trained / "model.safetensors").replace(run / "model.safetensors")  # as training saves: by rename
+        expected = reference(potion.load(run), "ab", max_new_tokens=8, temperature=0)
+        deadline = time.monotonic() + 10
+        while server.request("POST", "/v1/completions", body)[1]["choices"][0]["text"] != expected[0]:
+            assert time.monotonic() < deadline, "the new weights were not loaded"
+            time.sleep(0.2)
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_mid_stream_shuts_down_cleanly(flat_run, signum):
     server = Server(flat_run)
