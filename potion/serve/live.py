@@ -122,8 +122,7 @@ class TrainingView:
 class LiveRoutes:
     def __init__(self, served, worker: ModelWorker, needs_key: bool):
         self.served, self.worker, self.needs_key = served, worker, needs_key
-        has_run = served.weights is not None
-        self.training = TrainingView(served.run.run_dir if has_run else None)
+        self.training = TrainingView(served.run.run_dir if served.is_run else None)
 
     def page_html(self) -> str:
         folder = resources.files(__package__)

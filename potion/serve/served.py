@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..errors import PotionError
+from ..hf.gpt2 import is_hf_model
 from ..run import LoadedRun, load
 
 RELOAD_CHECK_SECONDS = 2.0  # how often the weights file's modification time is looked at
@@ -39,11 +40,16 @@ class ServedModel:
         self.spec, self.device = spec, device
         self.run: LoadedRun = load(spec, device)
         self.id = model_id(spec, self.run.run_dir)
-        weights = self.run.run_dir / "model.safetensors"
-        self.weights = weights if (self.run.run_dir / "config.json").is_file() and weights.is_file() else None
+        folder = self.run.run_dir
+        self.weights = None if is_hf_model(folder) else folder / "model.safetensors"  # a run, which may be training
         self.stamp = file_stamp(self.weights)
         self.created = int(self.stamp[0] // 10**9) if self.stamp else int(time.time())
         self.checked = time.monotonic()
+
+    @property
+    def is_run(self) -> bool:
+        """A potion run directory (which has a training log and may still be training), not a Hugging Face folder."""
+        return self.weights is not None
 
     @property
     def tokenizer(self):
