@@ -64,9 +64,9 @@ def url(sock: socket.socket) -> str:
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> int:
+    sock = listen(host, port)  # first: a port in use is said at once, not after loading a large model
     set_threads()  # one per physical core, or OMP_NUM_THREADS on a machine shared with other work
     served = ServedModel(model)
-    sock = listen(host, port)
     warning = reach_warning(sock.getsockname()[0], api_key)
     if warning:
         warnings.warn(warning)
