@@ -166,3 +166,19 @@ def test_notebook_display_is_the_page_offline(browser):
     assert "ROMEO: ab" in frame.locator("#title").inner_text()
     assert errors == [] and [u for u in requests if not u.startswith(("about:", "data:"))] == []
     page.close()
+
+
+def test_with_an_api_key_the_page_asks_for_it(browser, run_dir):
+    server = Server(run_dir, "--api-key", "sesame")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("() => document.getElementById('live-status').textContent.includes('needs an API key')")
+        assert page.is_visible("#api-key") and page.locator("#tokens .tok").count() == 0
+        page.fill("#api-key", "sesame")
+        page.press("#api-key", "Enter")  # a change event: the key is used from now on
+        page.wait_for_selector("body[data-prompt='Once upon a time']")
+        assert page.locator("#tokens .tok").count() == len("Once upon a time")
+        page.close()
+    finally:
+        server.stop()
