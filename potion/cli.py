@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -183,6 +184,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    return serve(args.model, args.host, args.port, args.api_key or os.environ.get("POTION_API_KEY") or None)
+
+
 def cmd_presets(args) -> int:
     from .config import load_preset, preset_names
 
@@ -298,6 +305,19 @@ def add_export(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
+def add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible API and a live page that looks inside the model")
+    add_model_option(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free port)")
+    s.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every API request (default: $POTION_API_KEY; none)",
+    )
+    s.set_defaults(func=cmd_serve)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its usage errors as one line, like every other error (its subcommands' parsers too)."""
 
@@ -309,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="potion", description="Train a small GPT on your own text, sample from it, look inside.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_generate, add_eval, add_explain, add_import, add_export):
+    for add in (add_train, add_generate, add_eval, add_explain, add_import, add_export, add_serve):
         add(sub)
     sub.add_parser("presets", help="list the built-in presets").set_defaults(func=cmd_presets)
     return parser

@@ -11,7 +11,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Generator, Iterator
 
 import torch
 
@@ -234,6 +234,22 @@ def generate_text(model, tokenizer, prompt: str, sampling: SamplingConfig, on_te
 def continue_prompt(model, tokenizer, idx: torch.Tensor, sampling: SamplingConfig, generator, stream=None) -> Sample:
     """One continuation of idx (1, T) up to end-of-text, a stop string or max_new_tokens. stream(new_text) gets
     the text as it settles (never part of a stop string or half a character)."""
+    steps = continuation(model, tokenizer, idx, sampling, generator)
+    while True:
+        try:
+            piece = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if stream and piece:
+            stream(piece)
+
+
+def continuation(
+    model, tokenizer, idx: torch.Tensor, sampling: SamplingConfig, generator
+) -> Generator[str, None, Sample]:
+    """continue_prompt one token at a time, for callers that interleave several continuations (potion serve):
+    each step yields the text that settled with its token ("" while a stop string may be starting or a character
+    is half decoded), and the generator returns the Sample."""
     tokens = generate_tokens(
         model,
         idx,
@@ -258,12 +274,12 @@ def continue_prompt(model, tokenizer, idx: torch.Tensor, sampling: SamplingConfi
         if hit is not None:
             text, reason = text[:hit], "stop"
             break
-        settled = _settled_length(text, sampling.stop)
-        if stream and settled > shown:
-            stream(text[shown:settled])
-            shown = settled
-    if stream and len(text) > shown:
-        stream(text[shown:])
+        settled = max(_settled_length(text, sampling.stop), shown)
+        yield text[shown:settled]
+        shown = settled
+    tokens.close()  # the decoder's cache is freed now, not when the caller drops this generator
+    if len(text) > shown:
+        yield text[shown:]
     return Sample(text, len(new_ids), reason)
 
 

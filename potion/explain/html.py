@@ -38,13 +38,25 @@ def thin(items: list, limit: int) -> list:
 
 
 def render_html(e: Explanation, probes: list[Explanation] = ()) -> str:
-    page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
     steps = [probe_summary(p) for p in thin(list(probes), MAX_PROBES)]
-    data = strict_json({"explanation": e.to_dict(), "probes": steps})
-    data = data.replace("<", "\\u003c").replace(">", "\\u003e")  # nothing in the data can close the script tag
-    title = f"potion explain: {e.prompt[:60]}".replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    fill = {"__TITLE__": title, "__DATA__": data}
-    return re.sub("__TITLE__|__DATA__", lambda m: fill[m.group(0)], page)  # one pass: a prompt may hold a marker
+    return render_page({"explanation": e.to_dict(), "probes": steps}, f"potion explain: {e.prompt[:60]}")
+
+
+def render_page(data: dict, title: str, controls: str = "", script: str = "") -> str:
+    """page.html with data inlined; `potion serve` adds its live controls and script to the same page."""
+    page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+    data_json = strict_json(data).replace("<", "\\u003c").replace(">", "\\u003e")  # nothing can close the tag
+    title = title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    fill = {"__TITLE__": title, "__DATA__": data_json, "__LIVE_CONTROLS__": controls, "__LIVE_SCRIPT__": script}
+    markers = "|".join(fill)
+    return re.sub(markers, lambda m: fill[m.group(0)], page)  # one pass: a prompt may hold a marker
+
+
+def repr_html(e: Explanation) -> str:
+    """The page inside an iframe, for a notebook cell: its script and style stay apart from the notebook's."""
+    page = render_html(e).replace("&", "&amp;").replace('"', "&quot;")
+    style = "width: 100%; height: 720px; border: 1px solid #ddd"
+    return f'<iframe srcdoc="{page}" style="{style}" title="potion explain"></iframe>'
 
 
 def save_html(e: Explanation, path: str | Path, probes: list[Explanation] = ()) -> None:

@@ -232,6 +232,12 @@ class Explanation:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def _repr_html_(self) -> str:
+        """In a notebook an Explanation shows itself as the explain page, offline (nothing is fetched)."""
+        from .html import repr_html  # the renderer reads this class, so it is imported when first needed
+
+        return repr_html(self)
+
     def to_json(self, indent: int | None = None) -> str:
         return strict_json(self.to_dict(), indent)
 

@@ -1,0 +1,97 @@
+"""A real `potion serve` in a subprocess on a free loopback port, and the tiny run directories it serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from test_explain import tiny
+
+from potion.checkpoint import model_state, save_tensors
+from potion.config import RunConfig
+from potion.run import write_config
+from potion.tokenizer import save_tokenizer
+
+READY = re.compile(r"potion serve: .* at (http://127\.0\.0\.1:\d+)/")
+
+
+def make_run(folder: Path, flat: bool = False) -> Path:
+    """A tiny run directory. flat: a model whose logits are all equal, so greedy decoding repeats token 0 and
+    never ends its text (a generation that runs exactly as long as it is allowed to)."""
+    model, tok = tiny()
+    if flat:
+        with torch.no_grad():
+            model.final_norm.weight.zero_()
+            model.final_norm.bias.zero_()
+    folder.mkdir(parents=True)
+    base = RunConfig()
+    write_config(folder, RunConfig(model=model.config, data=base.data, train=base.train))
+    save_tokenizer(tok, folder / "tokenizer.json")
+    save_tensors(folder / "model.safetensors", model_state(model))
+    return folder
+
+
+class Server:
+    """`potion serve --port 0 ...` started in a subprocess; its stderr is collected as it comes."""
+
+    def __init__(self, run_dir: Path, *args: str, timeout: float = 60):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "potion", "serve", "--model", str(run_dir), "--port", "0", *args]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.url = self._wait_ready(timeout)
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+
+    def _wait_ready(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            if m := READY.search(line):
+                return m.group(1)
+        self.stop()
+        raise RuntimeError("potion serve did not start:\n" + "".join(self.stderr))
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
+        """(status, JSON body) of one request; body is sent as is when it is bytes, else as JSON."""
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
