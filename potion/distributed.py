@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -37,6 +38,8 @@ WATCH_SECONDS = 0.5  # how often the other ranks look for a failure
 REPEAT_SECONDS = 2.0  # a Ctrl-C reaches every process from the terminal and again from torchrun: one request
 FAILED = "failed"  # the store key the first failing rank claims
 EXIT_CODE = 2  # a failed job's exit code on every rank, as for any PotionError
+# The others outlive the failing rank by this much, so that torchrun names that rank as the root cause.
+GRACE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,8 @@ def end_quietly() -> None:
     """Another rank failed and reports it; this one stops without a word."""
     sys.stdout.flush()
     sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun tearing the job down: this exit code, not SIGTERM's
+    time.sleep(GRACE_SECONDS)
     raise SystemExit(EXIT_CODE)
 
 
@@ -202,6 +207,7 @@ class FailureWatch(threading.Thread):
             if failed:
                 sys.stdout.flush()
                 sys.stderr.flush()
+                time.sleep(GRACE_SECONDS)
                 os._exit(EXIT_CODE)  # the main thread is stuck in a collective: only a hard exit ends it
 
     def stop(self) -> None:
