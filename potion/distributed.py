@@ -40,6 +40,8 @@ FAILED = "failed"  # the store key the first failing rank claims
 EXIT_CODE = 2  # a failed job's exit code on every rank, as for any PotionError
 # The others outlive the failing rank by this much, so that torchrun names that rank as the root cause.
 GRACE_SECONDS = 1.0
+# How gloo says, in a collective, that another process is gone (killed, out of memory, its machine lost).
+LOST_PROCESS = ("Connection closed by peer", "Connection reset by peer", "remote worker")
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,12 @@ def session():
         watch.stop()
         if not first_to_fail():
             end_quietly()
+        if isinstance(e, RuntimeError) and any(words in str(e) for words in LOST_PROCESS):
+            raise PotionError(
+                f"another process of this training ended without a word (killed, out of memory, or its machine "
+                f"lost; rank {joined.rank} of {joined.size} saw: {first_line(e)}); continue from the last "
+                "checkpoint with --resume"
+            ) from None
         if isinstance(e, PotionError) and not joined.is_main:
             raise PotionError(f"rank {joined.rank} of {joined.size}: {e}", setting=e.setting) from None
         raise

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from tiny_settings import TINY
 
@@ -268,3 +269,48 @@ def test_sigterm_stops_both_ranks_at_one_step_and_saves_once(corpus, runs):
     assert err.count("SIGTERM: finishing this step, then saving") == 1
     torch_state = json.loads((run / f"checkpoints/step-{step:08d}/state.json").read_text())
     assert torch_state["step"] == step and torch_state["world_size"] == 2
+
+
+# ---------------------------------------------------------------- the pieces, in this process
+
+
+def test_the_ranks_rows_put_together_are_the_one_process_batch(corpus, monkeypatch):
+    import numpy as np
+
+    from potion import distributed
+    from potion.data import Batches
+
+    tokens = np.arange(5000, dtype=np.uint16)
+    alone = Batches(tokens, 16, 8, seed=3)
+    parts = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "_world", distributed.World(rank, 2, rank, 2, "gloo"))
+        parts.append(Batches(tokens, 16, 8, seed=3, rows=distributed.my_rows(8)))
+    for _ in range(3):
+        x, y = alone.next()
+        (x0, y0), (x1, y1) = parts[0].next(), parts[1].next()
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    assert parts[0].state() == parts[1].state() == alone.state()  # one data order, saved once
+
+
+def test_a_batch_that_does_not_split_evenly_and_an_unknown_parallel_are_one_line(monkeypatch):
+    from potion import distributed
+    from potion.config import resolve
+    from potion.errors import PotionError
+
+    monkeypatch.setattr(distributed, "_world", distributed.World(0, 3, 0, 3, "gloo"))
+    with pytest.raises(PotionError, match=r"batch_size \(8\) must be divisible by the number of processes \(3\)"):
+        distributed.check_batch(8)
+    with pytest.raises(PotionError, match="parallel must be one of auto, ddp, fsdp"):
+        resolve("tiny", None, ["parallel=zero3"])
+
+
+def test_auto_picks_ddp_while_a_copy_fits_and_fsdp_beyond(monkeypatch):
+    from potion import distributed
+
+    model = torch.nn.Linear(1000, 1000)  # 1M weights: 16 MB of weights, gradients and AdamW moments
+    monkeypatch.setattr(distributed, "device_memory", lambda device: 64e6)
+    assert distributed.choose_parallel("auto", model, torch.device("cpu")) == "ddp"
+    monkeypatch.setattr(distributed, "device_memory", lambda device: 20e6)
+    assert distributed.choose_parallel("auto", model, torch.device("cpu")) == "fsdp"
+    assert distributed.choose_parallel("ddp", model, torch.device("cpu")) == "ddp"
