@@ -156,7 +156,7 @@ def train(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
     with RunLock(run_dir) if main else contextlib.nullcontext():
-        if not resume and main:
+        if main and not resume:
             refuse_existing(run_dir)  # another training may have filled it since the first look
         if main:
             remove_leftovers(run_dir)
