@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .distributed import gather_objects, is_main, placed_like, whole_on_main, world
 from .errors import PotionError
 from .fileio import atomic_write, atomic_write_text, fsync_dir, sha256_file, write_failed
 from .model import GPT
@@ -68,6 +69,8 @@ def load_model_state(model: GPT, state: dict[str, torch.Tensor], source: str) ->
         raise PotionError(f"'{source}' is damaged: {damaged} holds numbers that are not finite (NaN or inf)")
     if model.config.tie_embeddings:
         state.pop("head.weight", None)
+    targets = model.state_dict()  # sharded over the processes with FSDP: each takes its part
+    state = {k: placed_like(v, targets[k]) if k in targets else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (model.config.tie_embeddings and k == "head.weight")]
     if missing or unexpected:
@@ -94,11 +97,13 @@ def _unflatten_optimizer(
     optimizers: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], groups: list
 ) -> None:
     for i, opt in enumerate(optimizers):
+        params = [p for group in opt.param_groups for p in group["params"]]
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             opt_i, param_id, name = key.split(".", 2)
             if int(opt_i) == i:
-                state.setdefault(int(param_id), {})[name] = value
+                slot = placed_like(value, params[int(param_id)]) if value.dim() else value  # a step count is whole
+                state.setdefault(int(param_id), {})[name] = slot
         for g in groups[i]:
             if "betas" in g:
                 g["betas"] = tuple(g["betas"])
@@ -106,18 +111,45 @@ def _unflatten_optimizer(
 
 
 def rng_states() -> dict[str, torch.Tensor]:
-    """The states of torch's random generators (CPU, and each CUDA device): dropout draws from them."""
+    """The states of torch's random generators (CPU, and each CUDA device; one process of several: its own
+    device's): dropout draws from them."""
     states = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and world().launched:
+        states[f"cuda_{torch.cuda.current_device()}"] = torch.cuda.get_rng_state()
+    elif torch.cuda.is_available():
         states.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return states
 
 
-def restore_rng(states: dict[str, torch.Tensor]) -> None:
+def gathered_rng_states() -> dict[str, torch.Tensor]:
+    """Every process's generators, for rank 0 to save: its own as rng.NAME, rank r's as rng.rankR.NAME."""
+    everyone = gather_objects(rng_states())
+    if everyone is None:
+        return {}
+    named = {f"rng.{k}": v for k, v in everyone[0].items()}
+    for rank, states in enumerate(everyone[1:], 1):
+        named.update({f"rng.rank{rank}.{k}": v for k, v in states.items()})
+    return named
+
+
+def restore_rng(states: dict[str, torch.Tensor]) -> bool:
+    """Restore this process's generators; False when the checkpoint has none for it (a rank that the run that
+    saved it did not have)."""
+    rank = world().rank
+    if rank:
+        prefix = f"rank{rank}."
+        states = {k.removeprefix(prefix): v for k, v in states.items() if k.startswith(prefix)}
+        if "torch_cpu" not in states:
+            return False
     torch.set_rng_state(states["torch_cpu"])
     cuda = [states[k] for k in sorted((k for k in states if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available():
+    if cuda and torch.cuda.is_available() and world().launched:
+        own = states.get(f"cuda_{torch.cuda.current_device()}")
+        if own is not None:
+            torch.cuda.set_rng_state(own)
+    elif cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+    return True
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizers, state: dict, keep: int) -> Path:
@@ -126,17 +158,21 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizers, state: dict, ke
 
     state["val_loss"] (the evaluation at this step, if any) lets pruning keep the best checkpoint besides the
     last `keep` ones (keep = 0 keeps all). A failed write leaves the earlier checkpoints as they were.
+    With several processes every one takes part in gathering the weights, the optimizer state and the generators'
+    states whole, and rank 0 writes them.
     """
     root = run_dir / "checkpoints"
     final = root / f"step-{step:08d}"
+    opt_tensors, groups = _flatten_optimizer(optimizers)
+    weights, opt_tensors, rng = whole_on_main(model_state(model)), whole_on_main(opt_tensors), gathered_rng_states()
+    if not is_main():
+        return final
     tmp = root / f".step-{step:08d}.tmp{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        opt_tensors, groups = _flatten_optimizer(optimizers)
-        save_tensors(tmp / "model.safetensors", model_state(model))
-        rng = {f"rng.{k}": v for k, v in rng_states().items()}
+        save_tensors(tmp / "model.safetensors", weights)
         save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **rng})
         atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer_groups": groups}, indent=1))
         hashes = {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES}

@@ -38,26 +38,16 @@ def print_json(body: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from .config import load_preset, resolve, with_architecture
+    from .distributed import session
     from .interrupt import exit_code
-    from .run import find_run, source_config
     from .train import train
 
-    values = {key: getattr(args, flag) for flag, key in TRAIN_FIELD_FLAGS.items() if getattr(args, flag) is not None}
-    if args.resume:  # start from the run's own config; flags may change only when and how long it trains
-        out = find_run(args.out)
-        config = resolve(args.preset, args.config, args.set, base=out.config, values=values)
-    elif args.init_from:  # the architecture and tokenizer of the model it starts from; training settings as given
-        out = args.out
-        base = with_architecture(load_preset(args.preset or "gpt2-finetune"), source_config(args.init_from))
-        config = resolve(None, args.config, args.set, base=base, values=values)
-    else:
-        out = args.out
-        config = resolve(args.preset or "tiny", args.config, args.set, values=values)
-    summary = train(config, out=out, resume=args.resume, quiet=args.quiet)
-    if args.json:
+    with session() as world:  # one process of several when torchrun started it; rank 0 prints
+        config, out = training_config(args)
+        summary = train(config, out=out, resume=args.resume, quiet=args.quiet)
+    if world.is_main and args.json:
         print_json(summary)
-    else:
+    elif world.is_main:
         print(
             f"trained {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['seconds']:.0f} s, "
             f"{summary['tokens_per_second']:,.0f} tokens/s; validation loss {summary['val_loss']:.4f}, "
@@ -65,6 +55,21 @@ def cmd_train(args) -> int:
             f"saved to {summary['out']}; try: potion generate --model {summary['out']}"
         )
     return exit_code(summary["stop_signal"])  # a scheduler's signal: not finished, though saved (see interrupt.py)
+
+
+def training_config(args):
+    """The config `potion train` trains with, and where (a SavedRun already read, when resuming)."""
+    from .config import load_preset, resolve, with_architecture
+    from .run import find_run, source_config
+
+    values = {key: getattr(args, flag) for flag, key in TRAIN_FIELD_FLAGS.items() if getattr(args, flag) is not None}
+    if args.resume:  # start from the run's own config; flags may change only when and how long it trains
+        out = find_run(args.out)
+        return resolve(args.preset, args.config, args.set, base=out.config, values=values), out
+    if args.init_from:  # the architecture and tokenizer of the model it starts from; training settings as given
+        base = with_architecture(load_preset(args.preset or "gpt2-finetune"), source_config(args.init_from))
+        return resolve(None, args.config, args.set, base=base, values=values), args.out
+    return resolve(args.preset or "tiny", args.config, args.set, values=values), args.out
 
 
 def cmd_generate(args) -> int:

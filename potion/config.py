@@ -124,6 +124,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | bf16 | fp32
     compile: str = "off"  # auto | on | off
+    parallel: str = "auto"  # with several processes (torchrun): auto | ddp | fsdp (auto: ddp when the model fits)
 
     def __post_init__(self):
         _check_types(self, "train")
@@ -132,6 +133,7 @@ class TrainConfig:
         _check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
         _check_choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
         _check_choice("compile", self.compile, ("auto", "on", "off"))
+        _check_choice("parallel", self.parallel, ("auto", "ddp", "fsdp"))
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise PotionError(f"train.{name} must be at least 1, got {getattr(self, name)}")

@@ -343,9 +343,15 @@ def _encoded_in_workers(files: list[Path], tokenizer: Tokenizer, workers: int) -
 
 
 class Batches:
-    """Random windows of context_length + 1 tokens; the order is a seeded generator whose state can be saved."""
+    """Random windows of context_length + 1 tokens; the order is a seeded generator whose state can be saved.
 
-    def __init__(self, tokens, context_length: int, batch_size: int, seed: int, split: str = "train"):
+    One process of several draws every batch whole, as one process would, and keeps only its `rows` of it: all
+    processes follow the same order, whatever their number.
+    """
+
+    def __init__(
+        self, tokens, context_length: int, batch_size: int, seed: int, split: str = "train", rows: slice = slice(None)
+    ):
         """tokens: an array or a TokenSpan (anything with len() and contiguous slices)."""
         if len(tokens) < context_length + 2:
             raise PotionError(
@@ -354,11 +360,11 @@ class Batches:
             )
         self.tokens, self.window = tokens, context_length + 1
         self.n_windows = len(tokens) - context_length
-        self.batch_size = batch_size
+        self.batch_size, self.rows = batch_size, rows
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = self.rng.integers(0, self.n_windows, size=self.batch_size)
+        starts = self.rng.integers(0, self.n_windows, size=self.batch_size)[self.rows]
         rows = np.stack([self.tokens[s : s + self.window] for s in starts.tolist()])  # (B, T+1)
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 
 from tqdm import tqdm
 
@@ -36,6 +37,8 @@ class StopRequest(threading.Event):
         super().__init__()
         self.previous: dict[int, object] = {}
         self.signum: int | None = None  # the signal that asked for the stop
+        self.first_signal_at = 0.0  # time.monotonic() of that signal
+        self.announce = True  # say on the terminal that the training is stopping
 
     @classmethod
     def install(cls) -> StopRequest:
@@ -48,8 +51,10 @@ class StopRequest(threading.Event):
     def on_signal(self, signum, frame) -> None:
         if self.is_set():
             raise Aborted(signum)
-        self.signum = signum
+        self.signum, self.first_signal_at = signum, time.monotonic()
         self.set()
+        if not self.announce:
+            return
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
         tqdm.write(

@@ -12,6 +12,7 @@ import math
 import torch
 
 from .config import TrainConfig
+from .distributed import local, stacked_parts, stacked_whole
 from .hardware import cpu_has_fast_bf16
 
 
@@ -164,18 +165,22 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     same_shape.setdefault(p.shape, []).append(p)
             for shape, params in same_shape.items():
-                grads = [p.grad for p in params]
+                # With FSDP each process holds a part of each matrix (its rows): the momentum is kept in parts,
+                # and the matrices are gathered whole to be orthogonalised (see README: Muon on several processes)
+                grads = [local(p.grad) for p in params]
                 if applied is not None:  # a dropped step's NaNs must not reach the momentum
                     grads = [torch.where(applied, g, 0.0) for g in grads]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                bufs = [local(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))) for p in params]
                 torch._foreach_mul_(bufs, 1.0 + (group["momentum"] - 1.0) * keep)  # a dropped step keeps them
                 torch._foreach_add_(bufs, grads)
-                nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
-                updates = list(orthogonalise(nesterov.to(self.orthogonalise_dtype)).to(params[0].dtype).unbind(0))
+                nesterov = stacked_whole(torch._foreach_add(grads, bufs, alpha=group["momentum"]), params)
+                whole = orthogonalise(nesterov.to(self.orthogonalise_dtype)).to(params[0].dtype)
+                updates = stacked_parts(whole, params)
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
-                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"] * keep)
+                parts = [local(p) for p in params]
+                torch._foreach_mul_(parts, 1.0 - group["lr"] * group["weight_decay"] * keep)
                 torch._foreach_mul_(updates, -group["lr"] * scale * keep)
-                torch._foreach_add_(params, updates)
+                torch._foreach_add_(parts, updates)
 
 
 def set_learning_rate(optimizers: list[torch.optim.Optimizer], step: int, config: TrainConfig) -> float:

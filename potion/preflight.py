@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -222,6 +223,7 @@ def check_rng_states(path: Path, header: dict[str, tuple[str, tuple[int, ...]]])
         raise PotionError(f"'{path}' does not match this run: it has no rng.torch_cpu")
     cpu_shape = tuple(torch.get_rng_state().shape)
     for name, (dtype, shape) in header.items():
+        name = re.sub(r"^rng\.rank\d+\.", "rng.", name)  # the generators of rank r of a run of several processes
         if dtype != "U8" or not (name == "rng.torch_cpu" and shape == cpu_shape or name.startswith("rng.cuda_")):
             raise PotionError(f"'{path}' does not match this run: {name} is not a random generator's state")
 

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .config import RunConfig
+from .distributed import is_main, world
 from .evaluate import bits_per_byte
 from .explain import save_probe
 from .generate import generate_tokens
@@ -31,7 +32,9 @@ PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the en
 
 
 def log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+    """A line on the terminal; with several processes, rank 0's only."""
+    if is_main():
+        tqdm.write(message, file=sys.stderr)
 
 
 @dataclass
@@ -63,12 +66,16 @@ def start_progress(
     quiet: bool,
     train_tokens: int,
     run_dir: Path,
+    parallel: str = "",
 ) -> Progress:
     """Say what is about to train, and start the progress bar where the run stands."""
+    processes = world().size
     if not quiet:
+        shared = f", {processes} processes ({parallel}, {world().backend})" if parallel else ""
         log(
             f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {train_tokens:,} training tokens, device "
-            f"{device.type}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads -> {run_dir}"
+            f"{device.type}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads{shared} -> "
+            f"{run_dir}"
         )
     bar = tqdm(
         total=config.train.max_steps,
@@ -83,13 +90,16 @@ def start_progress(
         first_step=first_step,
         bar=bar,
         flops_per_token=model.training_flops_per_token(),
-        peak_tflops=matmul_peak_tflops(device, dtype),
+        peak_tflops=matmul_peak_tflops(device, dtype) * processes,  # tokens/s counts all the processes' devices
         last_plot=started,
     )  # the first plot: a curve
 
 
-def report_evaluation(t: Training, done: bool) -> None:
-    """The eval row of log.jsonl, loss.png now and then, the probe, and a line and a sample on the terminal."""
+def report_evaluation(t: Training, done: bool, reader: GPT | None = None) -> None:
+    """The eval row of log.jsonl, loss.png now and then, the probe, and a line and a sample on the terminal.
+    `reader` is the model the probe and the sample read (default: the training's own)."""
+    reader = t.model if reader is None else reader
+    reader_device = next(reader.parameters()).device
     tc, state, progress = t.config.train, t.state, t.progress
     train_loss, val_loss = progress.train_loss, progress.val_loss
     t.run_log.write(
@@ -109,14 +119,14 @@ def report_evaluation(t: Training, done: bool) -> None:
         progress.last_plot = time.time()
     finite = math.isfinite(val_loss)  # a model gone NaN has nothing to show; the non-finite streak stops it
     if tc.probe and finite:  # attention and prediction for one prompt at every evaluation: watch them form
-        save_probe(t.model, t.tokenizer, tc.probe, t.run_dir, state.step)
+        save_probe(reader, t.tokenizer, tc.probe, t.run_dir, state.step)
     if t.quiet:
         return
     train_part = f"train loss {train_loss:.4f}, " if train_loss is not None else ""
     best = " (best)" if progress.best_step == state.step else ""
     log(f"step {state.step}: {train_part}val loss {val_loss:.4f}{best}")
     if tc.sample_tokens and state.step > 0 and finite:
-        sample = sample_text(t.model, t.tokenizer, tc.sample_tokens, tc.seed + state.step, t.device)
+        sample = sample_text(reader, t.tokenizer, tc.sample_tokens, tc.seed + state.step, reader_device)
         log("  | " + sample.replace("\n", "\n  | "))
 
 

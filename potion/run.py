@@ -50,6 +50,7 @@ RESUMABLE_CHANGES = {
     "train.sample_tokens",
     "train.device",
     "train.compile",
+    "train.parallel",
     "train.probe",
     "train.max_nonfinite_steps",
 }

@@ -7,6 +7,7 @@ LoopState, and that is what a checkpoint saves (state.json) and what a resumed r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import RunConfig, check_architecture
 from .data import Batches, absolute_data, fixed_batches, prepare
+from .distributed import gradient_sync, is_main
 from .errors import PotionError
 from .evaluate import bytes_per_token, estimate_loss
 from .explain import check_probe
@@ -40,7 +43,7 @@ from .run import (
     with_vocabulary,
     write_config,
 )
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
 
 LOG_EVERY = 10  # steps between loss read-backs from the device (on a GPU each one waits for the queued work)
 
@@ -108,13 +111,15 @@ class Training:
     device: torch.device
     dtype: torch.dtype
     model: GPT
-    compiled: torch.nn.Module  # the model as the steps call it (torch.compile'd or the model itself)
+    shared: torch.nn.Module  # the model as the processes share it: DDP around it, or sharded by FSDP2, or itself
+    parallel: str  # ddp | fsdp | "" (one process)
+    compiled: torch.nn.Module  # the model as the steps call it (torch.compile'd or `shared` itself)
     optimizers: list
     tokenizer: Tokenizer
     batches: Batches
     eval_sets: dict
     val_bytes_per_token: float  # turns the validation loss into bits per byte
-    run_log: RunLog
+    run_log: RunLog | None  # rank 0's only
     tally: StepTally
     state: LoopState
     progress: Progress
@@ -122,6 +127,7 @@ class Training:
     resumed_at: int | None  # the step of the checkpoint resumed from: evaluated and saved already
     last_saved: Path | None  # the newest checkpoint
     quiet: bool
+    reader: GPT | None = None  # with FSDP, rank 0's whole copy of the weights that samples and probes read
 
 
 def train(
@@ -133,29 +139,35 @@ def train(
     SavedRun the caller has already read.
     """
     started = time.time()
+    main = is_main()  # with several processes (torchrun), rank 0 alone writes the run directory and reports
+    quiet = quiet or not main
     config = replace(config, data=replace(config.data, data=absolute_data(config.data.data)))
-    run_dir = resumed_run_dir(out, config) if resume else Path(out or new_run_dir())
-    if not resume:
+    run_dir = distributed.from_main(lambda: resumed_run_dir(out, config) if resume else Path(out or new_run_dir()))
+    if not resume and main:
         refuse_existing(run_dir)
-    device = pick_device(config.train.device)
+    device = distributed.own_device(pick_device(config.train.device))
     tokenizer, init_weights = fine_tune_source(config, run_dir, resume)
-    token_file = prepare(config.data, tokenizer=tokenizer, quiet=quiet)
+    token_file = distributed.in_turn(lambda: prepare(config.data, tokenizer=tokenizer, quiet=quiet))
+    token_file = tokens_as_on_main(config, token_file, quiet)
     config = with_vocabulary(config, token_file.tokenizer)
     data = training_data(config, token_file)
     if not resume:  # a resumed run's weights are checked first, in start()
         check_training_fits(config, device.type)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
-    with RunLock(run_dir):
-        if not resume:
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+    with RunLock(run_dir) if main else contextlib.nullcontext():
+        if main and not resume:
             refuse_existing(run_dir)  # another training may have filled it since the first look
-        remove_leftovers(run_dir)
+        if main:
+            remove_leftovers(run_dir)
         t = start(config, run_dir, device, token_file.tokenizer, data, resume, quiet, started, init_weights)
         try:
             run_loop(t)
         finally:
             t.stop_request.restore()
             t.progress.bar.close()
-            t.run_log.close()
+            if t.run_log is not None:
+                t.run_log.close()
     if t.stop_request.is_set():
         log(f"potion: stopped at step {t.state.step} and saved; continue with: potion train --resume --out {run_dir}")
     return summary(t)
@@ -182,13 +194,25 @@ def fine_tune_source(config: RunConfig, run_dir: Path, resume: bool) -> tuple[To
     return source.tokenizer, weights
 
 
+def tokens_as_on_main(config: RunConfig, token_file, quiet: bool):
+    """The token file, made with rank 0's tokenizer: a machine that did not share rank 0's token cache trained its
+    own tokenizer, and every process must give each token the same id."""
+    if not distributed.world().launched:
+        return token_file
+    mine = token_file.tokenizer.to_json()
+    theirs = distributed.from_main(lambda: mine)
+    return token_file if mine == theirs else prepare(config.data, tokenizer=tokenizer_from_json(theirs), quiet=quiet)
+
+
 def training_data(config: RunConfig, token_file) -> tuple[Batches, dict, int]:
-    """The training batches, the fixed evaluation batches, and the number of training tokens."""
+    """The training batches (this process's rows of them), the fixed evaluation batches (whole), and the number
+    of training tokens."""
     tc, T = config.train, config.model.context_length
+    distributed.check_batch(tc.batch_size)
     train_tokens, val_tokens = token_file.split(config.data.val_fraction)
     if tc.probe:
         check_probe(token_file.tokenizer, tc.probe, T)  # fail now, not after the first evaluation
-    batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training")
+    batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training", distributed.my_rows(tc.batch_size))
     eval_sets = {
         "train": fixed_batches(train_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 1, "training"),
         "val": fixed_batches(val_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 2, "validation"),
@@ -213,47 +237,61 @@ def start(
     dtype = pick_dtype(tc.dtype, device)
     if device.type == "cpu":
         set_threads()
-    checkpoint = ckpt.latest_checkpoint(run_dir) if resume else None
+    checkpoint = distributed.from_main(lambda: ckpt.latest_checkpoint(run_dir)) if resume else None
     if resume:
         check_resumed_weights(config, run_dir, checkpoint)
         check_training_fits(config, device.type)
-    torch.manual_seed(tc.seed)  # the initial weights, and dropout's draws from here on
-    model = GPT(config.model)
-    if init_weights is not None:
-        ckpt.load_model_state(model, init_weights, config.train.init_from)
-    model.to(device)
-    optimizers = make_optimizer(model, tc, device.type)
+    model, shared, parallel, optimizers = build_model(config, device, dtype, init_weights)
     restored = (checkpoint, *ckpt.load_checkpoint(checkpoint, model, optimizers)) if checkpoint else None
-    state = LoopState() if restored is None else resume_from(restored, batches, run_dir)
-    write_config(run_dir, config)  # only now: a checkpoint that cannot be resumed leaves the run as it was
-    if not (run_dir / "tokenizer.json").is_file():
-        atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
+    state = LoopState() if restored is None else resume_from(restored, batches, run_dir, config)
+    if is_main():  # only now: a checkpoint that cannot be resumed leaves the run as it was
+        write_config(run_dir, config)
+        if not (run_dir / "tokenizer.json").is_file():
+            atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
     if resume and restored is None:
         log(f"potion: {run_dir} has no checkpoint yet; starting it from step 0")
-    progress = start_progress(config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir)
+    progress = start_progress(
+        config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir, parallel
+    )
     return Training(
         config=config,
         run_dir=run_dir,
         device=device,
         dtype=dtype,
         model=model,
-        compiled=maybe_compile(model, tc.compile, device),
+        shared=shared,
+        parallel=parallel,
+        compiled=maybe_compile(shared, tc.compile, device),
         optimizers=optimizers,
         tokenizer=tokenizer,
         batches=batches,
-        eval_sets=eval_sets,
+        eval_sets={name: [(x[batches.rows], y[batches.rows]) for x, y in split] for name, split in eval_sets.items()},
         val_bytes_per_token=bytes_per_token(tokenizer, eval_sets["val"]),
-        run_log=RunLog(run_dir / "log.jsonl", state.step if resume else None),
+        run_log=RunLog(run_dir / "log.jsonl", state.step if resume else None) if is_main() else None,
         tally=StepTally(
             device, optimizers, state.nonfinite_steps, state.log_window.nonfinite, state.log_window.loss_sum
         ),
         state=state,
         progress=progress,
-        stop_request=StopRequest.install(),
+        stop_request=distributed.stop_request(),
         resumed_at=state.step if restored else None,
         last_saved=restored[0] if restored else None,
         quiet=quiet,
     )
+
+
+def build_model(config: RunConfig, device: torch.device, dtype: torch.dtype, init_weights: dict | None) -> tuple:
+    """(the model, the model as the processes share it, ddp | fsdp | "", the optimizers). Every process builds the
+    same weights from the same seed (and files); then each draws its own dropout."""
+    torch.manual_seed(config.train.seed)  # the initial weights, and dropout's draws from here on
+    model = GPT(config.model)
+    if init_weights is not None:
+        ckpt.load_model_state(model, init_weights, config.train.init_from)
+    model.to(device)
+    if distributed.world().rank:
+        torch.manual_seed(config.train.seed + distributed.world().rank)
+    shared, parallel = distributed.parallelize(model, config.train.parallel, device, dtype)
+    return model, shared, parallel, make_optimizer(model, config.train, device.type)
 
 
 def check_resumed_weights(config: RunConfig, run_dir: Path, checkpoint: Path | None) -> None:
@@ -264,16 +302,25 @@ def check_resumed_weights(config: RunConfig, run_dir: Path, checkpoint: Path | N
         check_weights_match(config.model, weights)
 
 
-def resume_from(restored: tuple, batches: Batches, run_dir: Path) -> LoopState:
+def resume_from(restored: tuple, batches: Batches, run_dir: Path, config: RunConfig) -> LoopState:
     """The loop state of a restored checkpoint, with the data order and random generators where it left them."""
     path, saved, rng = restored
     try:
         state = LoopState.from_dict(saved)
         batches.set_state(saved["batches"])
-        ckpt.restore_rng(rng)
+        own_generators = ckpt.restore_rng(rng)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # numpy's and torch's own checks, and ours
         raise PotionError(f"'{path / 'state.json'}' cannot be resumed from ({type(e).__name__}: {e})") from None
+    if not own_generators:  # a rank the saving run did not have: its own dropout draws, as a new run's
+        torch.manual_seed(config.train.seed + distributed.world().rank + state.step)
     log(f"potion: resuming {run_dir} from step {state.step} (best validation loss {state.best_val_loss:.4f})")
+    saved_by, now = saved.get("world_size", 1), distributed.world().size
+    if saved_by != now:
+        dropout = ", and dropout draws differently" if config.model.dropout > 0 else ""
+        log(
+            f"potion: warning: {path.name} was saved by {saved_by} process(es) and continues on {now}: the same "
+            f"tokens at every step, the same numbers up to float rounding, not bit for bit{dropout}"
+        )
     return state
 
 
@@ -290,7 +337,7 @@ def run_loop(t: Training) -> None:
             if eval_due(t, done):
                 val_loss = evaluate(t)
                 done = done or 0 < val_loss <= t.config.train.stop_at_loss
-                report_evaluation(t, done)
+                report(t, done)
             if checkpoint_due(t, done) and healthy(t, val_loss):
                 save_checkpoint(t, val_loss)
         if done:
@@ -302,13 +349,15 @@ def run_loop(t: Training) -> None:
 def time_to_stop(t: Training) -> bool:
     tc = t.config.train
     out_of_time = tc.max_time > 0 and time.time() - t.progress.started >= tc.max_time
-    return t.state.step >= tc.max_steps or out_of_time or stop_requested(t)
+    return t.state.step >= tc.max_steps or stop_requested(t, out_of_time)
 
 
-def stop_requested(t: Training) -> bool:
-    """Whether a signal (Ctrl-C, SIGTERM, SIGUSR1) asked this training to stop. The one place the stop decision
-    is taken: with several processes (torchrun) it has to be agreed on here, so that all stop at the same step."""
-    return t.stop_request.is_set()
+def stop_requested(t: Training, out_of_time: bool = False) -> bool:
+    """Whether a signal (Ctrl-C, SIGTERM, SIGUSR1) or the clock asks this training to stop. The one place the
+    stop decision is taken: with several processes (torchrun) the ranks vote here, so that all stop at one step."""
+    if distributed.world().launched:
+        return distributed.agree_to_stop(t.stop_request, out_of_time)
+    return out_of_time or t.stop_request.is_set()
 
 
 def eval_due(t: Training, done: bool) -> bool:
@@ -352,19 +401,46 @@ def evaluate(t: Training) -> float:
     """Measure the fixed evaluation batches; a new best validation loss saves model.safetensors."""
     train_split, val_split = t.eval_sets["train"], t.eval_sets["val"]
     if t.config.train.eval_train_split:
-        t.progress.train_loss = estimate_loss(t.compiled, train_split, t.device, t.dtype)
+        t.progress.train_loss = distributed.mean(estimate_loss(t.compiled, train_split, t.device, t.dtype))
     else:
         t.progress.train_loss = None
-    val_loss = t.progress.val_loss = estimate_loss(t.compiled, val_split, t.device, t.dtype)
+    val_loss = t.progress.val_loss = distributed.mean(estimate_loss(t.compiled, val_split, t.device, t.dtype))
     if val_loss < t.state.best_val_loss:
         t.state.best_val_loss, t.progress.best_step = val_loss, t.state.step
-        ckpt.save_tensors(t.run_dir / "model.safetensors", ckpt.model_state(t.model))
+        weights = distributed.whole_on_main(ckpt.model_state(t.model))
+        if is_main():
+            ckpt.save_tensors(t.run_dir / "model.safetensors", weights)
     return val_loss
+
+
+def report(t: Training, done: bool) -> None:
+    """Rank 0 reports the evaluation; with FSDP every rank first helps gather the weights its samples and probe
+    read."""
+    tc = t.config.train
+    reader = t.model
+    if t.parallel == "fsdp" and (tc.sample_tokens or tc.probe) and math.isfinite(t.progress.val_loss):
+        reader = gathered_copy(t)
+    if is_main():
+        report_evaluation(t, done, reader)
+
+
+def gathered_copy(t: Training) -> GPT | None:
+    """On rank 0, a whole copy of the sharded weights in its CPU memory (kept from one evaluation to the next)."""
+    weights = distributed.whole_on_main(ckpt.model_state(t.model))
+    if not is_main():
+        return None
+    if t.reader is None:
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave training's draws alone
+            t.reader = GPT(t.config.model)
+    ckpt.load_model_state(t.reader, weights, "the gathered weights")
+    return t.reader
 
 
 def save_checkpoint(t: Training, val_loss: float | None) -> None:
     t.state.log_window.loss_sum = float(t.tally.loss_sum)
     saved = {**asdict(t.state), "val_loss": val_loss, "batches": t.batches.state()}
+    if distributed.world().launched:  # resuming on another number of processes says what differs
+        saved["world_size"] = distributed.world().size
     t.last_saved = ckpt.save_checkpoint(
         t.run_dir, t.state.step, t.model, t.optimizers, saved, t.config.train.keep_checkpoints
     )
@@ -376,13 +452,15 @@ def train_one_step(t: Training) -> None:
     step_started = time.time()
     t.progress.learning_rate = set_learning_rate(t.optimizers, state.step, tc)
     loss = torch.zeros((), device=t.device)
-    for _ in range(tc.grad_accum):
+    for i in range(tc.grad_accum):
         x, y = next_batch(t)
-        with autocast(t.device, t.dtype):
-            _, micro_loss = t.compiled(x, y)
-        (micro_loss / tc.grad_accum).backward()
+        with gradient_sync(t.shared, i == tc.grad_accum - 1):  # several processes average on the last only
+            with autocast(t.device, t.dtype):
+                _, micro_loss = t.compiled(x, y)
+            (micro_loss / tc.grad_accum).backward()
         loss += micro_loss.detach().float() / tc.grad_accum
-    norm = grad_norm(t.model, tc.grad_clip)
+    distributed.average_(loss)  # the loss of the whole batch, as one process would have it
+    norm = distributed.whole(grad_norm(t.model, tc.grad_clip))
     t.tally.step(loss, norm)  # a NaN or inf is caught before the optimizers can spread it into the weights
     for opt in t.optimizers:
         opt.zero_grad(set_to_none=True)
@@ -410,6 +488,7 @@ def log_progress(t: Training) -> None:
     """Advance the progress bar; every LOG_EVERY steps, a train row in log.jsonl, and a new window begins."""
     t.progress.bar.update(1)
     if t.state.step % LOG_EVERY == 0:
-        t.progress.window_started = report_window(t)
+        if is_main():
+            t.progress.window_started = report_window(t)
         t.tally.new_window()
         t.state.log_window = LogWindow()
