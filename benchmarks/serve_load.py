@@ -37,9 +37,9 @@ from machine import dtype_name, emit, result  # noqa: E402
 from potion.checkpoint import model_state, save_tensors  # noqa: E402
 from potion.config import RunConfig, load_preset  # noqa: E402
 from potion.generate import decoding_dtype  # noqa: E402
-from potion.hardware import physical_cores  # noqa: E402
 from potion.model import GPT  # noqa: E402
 from potion.run import write_config  # noqa: E402
+from potion.serve.server import serving_threads  # noqa: E402
 from potion.tokenizer import CharTokenizer, save_tokenizer  # noqa: E402
 
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "JULIET:\nO Romeo, Romeo", "KING HENRY:\n", "To be"]
@@ -145,7 +145,7 @@ def main(argv=None) -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30.0, help="clients start no request after this")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=physical_cores(), help="the server's torch threads")
+    ap.add_argument("--threads", type=int, default=serving_threads(), help="the server's torch threads")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -140,12 +140,14 @@ def matmul_peak_tflops(
     return 2 * n**3 / best / 1e12
 
 
-def set_threads() -> int:
-    """One thread per physical core, unless OMP_NUM_THREADS says otherwise (a machine shared with other work)."""
-    try:
-        n = max(1, int(os.environ["OMP_NUM_THREADS"]))
-    except (KeyError, ValueError):
-        n = physical_cores()
+def set_threads(n: int | None = None) -> int:
+    """n threads; by default one per physical core, unless OMP_NUM_THREADS says otherwise (a machine shared with
+    other work)."""
+    if n is None:
+        try:
+            n = max(1, int(os.environ["OMP_NUM_THREADS"]))
+        except (KeyError, ValueError):
+            n = physical_cores()
     torch.set_num_threads(n)
     return n
 

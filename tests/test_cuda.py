@@ -78,8 +78,10 @@ def test_sdpa_equals_explicit_attention_under_autocast(qk_norm):
 def test_resume_continues_the_run_within_bf16_tolerance(corpus, tmp_path, monkeypatch):
     settings = [*ON_DEVICE, "max_steps=40", "eval_every=10", "dropout=0.1"]
     whole = train(tiny_config(corpus, *settings), tmp_path / "whole", quiet=True)
-    stop_at_20 = training_loop.stop_requested
-    monkeypatch.setattr(training_loop, "stop_requested", lambda t: t.state.step >= 20 or stop_at_20(t))
+    real_stop = training_loop.stop_requested
+    monkeypatch.setattr(
+        training_loop, "stop_requested", lambda t, out_of_time=False: t.state.step >= 20 or real_stop(t, out_of_time)
+    )
     train(tiny_config(corpus, *settings), tmp_path / "resumed", quiet=True)
     monkeypatch.undo()
     resumed = train(tiny_config(corpus, *settings), tmp_path / "resumed", resume=True, quiet=True)

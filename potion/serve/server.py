@@ -8,6 +8,7 @@ server is shutting down), stops the model thread and exits 0; a second Ctrl-C ex
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import socket
 import sys
@@ -16,7 +17,7 @@ import warnings
 import uvicorn
 
 from ..errors import PotionError
-from ..hardware import set_threads
+from ..hardware import physical_cores, set_threads
 from .app import build_app
 from .served import ServedModel
 from .worker import ModelWorker
@@ -63,9 +64,19 @@ def url(sock: socket.socket) -> str:
     return f"http://{ip}:{port}" if ip.version == 4 else f"http://[{ip}]:{port}"
 
 
+def serving_threads() -> int:
+    """The model's torch threads: OMP_NUM_THREADS where set, else one per physical core but one, which is left to
+    the HTTP side. On two cores, one thread served a tiny model's tokens 3x faster than two
+    (`benchmarks/serve_load.py --threads 1` against `--threads 2`): two fought the event loop for the cores."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, physical_cores() - 1)
+
+
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> int:
     sock = listen(host, port)  # first: a port in use is said at once, not after loading a large model
-    set_threads()  # one per physical core, or OMP_NUM_THREADS on a machine shared with other work
+    set_threads(serving_threads())
     served = ServedModel(model)
     warning = reach_warning(sock.getsockname()[0], api_key)
     if warning:
