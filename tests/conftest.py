@@ -1,4 +1,5 @@
 import os
+import random
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,16 @@ def shakespeare():
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is not here (the tests look for ../shared/data beside the project)")
     return SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small corpus of random twelve-word lines from a dozen words: the training tests' text."""
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran far away home".split()
+    path = tmp_path_factory.mktemp("corpus") / "words.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(800)) + "\n")
+    return path
 
 
 @pytest.fixture

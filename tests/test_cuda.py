@@ -29,14 +29,6 @@ ON_DEVICE = [f"device={DEVICE.type}", "compile=off"]  # compiling is checked onc
 BF16 = DEVICE.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    words = "the cat sat on a mat and dog ran far away home".split()
-    path = tmp_path_factory.mktemp("corpus") / "words.txt"
-    path.write_text("\n".join(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(800)))
-    return path
-
-
 def small_model(**kw) -> GPT:
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=50, context_length=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0, **kw)

@@ -3,7 +3,6 @@ learning as one process, checkpoints that move between 1 and 2 processes, one wr
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -28,15 +27,6 @@ RUN = [*TINY, "dtype=fp32", "optimizer=adamw", "grad_accum=2", "checkpoint_every
 STEPS = ["--max-steps", "30", "--eval-every", "10", "--quiet"]
 LOSS_TOLERANCE = 1e-4  # relative: a batch's mean over 8 rows against the mean of two means over 4
 WEIGHT_TOLERANCE = 1e-3  # absolute, after 30 AdamW steps of 2 micro-batches (measured: at most 2e-4)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    words = "the cat sat on a mat and dog ran far away home".split()
-    path = tmp_path_factory.mktemp("corpus") / "words.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(800)) + "\n")
-    return path
 
 
 def train_args(corpus, out, *extra, settings=RUN):

@@ -1,27 +1,16 @@
 """The explain page in a real headless browser: it loads offline, without errors, and responds to clicks."""
 
-import shutil
-
 import pytest
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-CHROMIUM = "/usr/bin/chromium"
-if shutil.which(CHROMIUM) is None:
-    pytest.skip(f"no Chromium at {CHROMIUM} (on Debian/Ubuntu: apt-get install chromium)", allow_module_level=True)
-
+from headless import chromium  # skips this module where playwright or Chromium is missing
 from test_explain import tiny  # noqa: E402
 
 from potion.explain import explain, save_html  # noqa: E402
 
-ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
-
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def open_page(browser, path):

@@ -6,30 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 
 import pytest
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-CHROMIUM = "/usr/bin/chromium"
-if shutil.which(CHROMIUM) is None:
-    pytest.skip(f"no Chromium at {CHROMIUM} (on Debian/Ubuntu: apt-get install chromium)", allow_module_level=True)
-
+from headless import chromium  # skips this module where playwright or Chromium is missing
 from serving import Server, make_run  # noqa: E402
 from test_explain import tiny  # noqa: E402
 
 from potion.explain import explain, save_probe  # noqa: E402
 
-ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
-
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
