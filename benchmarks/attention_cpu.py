@@ -10,9 +10,7 @@ Usage (from the project root):
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from machine import emit, result  # noqa: E402
+from machine import emit, median_of, result  # noqa: E402
 
 from potion.hardware import set_threads  # noqa: E402
 from potion.model import attention_with_dropout  # noqa: E402
@@ -36,13 +34,7 @@ SHAPES = [
 def median_ms(fn, shape: tuple, dtype: torch.dtype, reps: int) -> float:
     q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(*shape, dtype=dtype)
-    times = []
-    for i in range(reps + 2):
-        started = time.perf_counter()
-        fn(q, k, v).backward(grad)
-        if i >= 2:
-            times.append(time.perf_counter() - started)
-    return round(statistics.median(times) * 1e3, 2)
+    return round(median_of(lambda: fn(q, k, v).backward(grad), reps, warmup=2) * 1e3, 2)
 
 
 def ways(p: float) -> dict:

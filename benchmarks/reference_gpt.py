@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from chardata import DEFAULT_DATA, fixed_val_batches, load_chars, sample_batch, val_windows
 from machine import emit, matmul_peak_tflops, physical_cores, result, synchronize
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from potion.hardware import DTYPES  # the precisions potion trains in, by the names its config uses
 
 
 class CausalSelfAttention(nn.Module):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .config import DataConfig
 from .corpora import BUILTIN, builtin_path, cache_root
 from .errors import PotionError
-from .fileio import fsync_dir, fsync_file, hash_file
+from .fileio import fsync_dir, fsync_file, hash_file, process_exists
 from .tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json, train_tokenizer
 
 BLOCK_BYTES = 4 << 20  # read and tokenize 4 MB at a time
@@ -234,16 +234,6 @@ def remove_abandoned(folder: Path) -> None:
         pid = tmp.name.rpartition(".tmp")[2]
         if pid.isdigit() and not process_exists(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _open_token_file(folder: Path, tokenizer: Tokenizer | None) -> TokenFile:

@@ -182,9 +182,14 @@ def first_to_fail() -> bool:
         return True
 
 
+def failed_elsewhere(store, rank: int) -> bool:
+    """Whether another rank has claimed the job's failure (a store error, the store gone, propagates)."""
+    return store.check([FAILED]) and store.get(FAILED) != str(rank).encode()
+
+
 def another_rank_failed() -> bool:
     try:
-        return _store is not None and _store.check([FAILED]) and _store.get(FAILED) != str(_world.rank).encode()
+        return _store is not None and failed_elsewhere(_store, _world.rank)
     except (RuntimeError, OSError):
         return False
 
@@ -209,7 +214,7 @@ class FailureWatch(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(WATCH_SECONDS):
             try:
-                failed = self.store.check([FAILED]) and self.store.get(FAILED) != str(self.rank).encode()
+                failed = failed_elsewhere(self.store, self.rank)
             except (RuntimeError, OSError):  # the store has closed: the job is ending, and says so itself
                 return
             if failed:

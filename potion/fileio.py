@@ -55,6 +55,17 @@ def is_leftover(path: Path) -> bool:
     return path.name.startswith(".") and ".tmp" in path.name
 
 
+def process_exists(pid: int) -> bool:
+    """Whether process pid is alive on this machine: the owner of a temporary file or a lock may have been killed."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """write(tmp_path) fills a temporary file beside `path`; it then replaces `path` in one step.
 

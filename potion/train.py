@@ -156,9 +156,9 @@ def train(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
     with RunLock(run_dir) if main else contextlib.nullcontext():
-        if main and not resume:
-            refuse_existing(run_dir)  # another training may have filled it since the first look
         if main:
+            if not resume:
+                refuse_existing(run_dir)  # another training may have filled it since the first look
             remove_leftovers(run_dir)
         t = start(config, run_dir, device, token_file.tokenizer, data, resume, quiet, started, init_weights)
         try:

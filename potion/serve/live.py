@@ -8,7 +8,6 @@ the losses of log.jsonl, the probes and whether a training still holds the run, 
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from importlib import resources
@@ -22,6 +21,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from ..errors import PotionError
 from ..explain import explain, load_json
 from ..explain.html import MAX_PROBES, probe_summary, render_page, thin
+from ..fileio import process_exists
 from ..run import LOCK_NAME, RunLock, loss_points, read_log
 from .api import job_result, parse, submit, while_connected
 from .completions import MAX_TOKENS
@@ -62,14 +62,8 @@ def training_process(run_dir: Path) -> int | None:
         holder = RunLock.holder((run_dir / LOCK_NAME).read_bytes())
     except OSError:
         return None
-    if holder is None or holder[1] != socket.gethostname():
+    if holder is None or holder[1] != socket.gethostname() or not process_exists(holder[0]):
         return None
-    try:
-        os.kill(holder[0], 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, under another user
-        pass
     return holder[0]
 
 

@@ -46,9 +46,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A bound socket's address, without an IPv6 scope (fe80::1%eth0)."""
+    return ipaddress.ip_address(address.split("%")[0])
+
+
 def reach_warning(address: str, api_key: str | None) -> str | None:
     """A warning when the bound address is reachable from other machines."""
-    ip = ipaddress.ip_address(address.split("%")[0])
+    ip = ip_of(address)
     if ip.is_loopback:
         return None
     where = "every network interface of this machine" if ip.is_unspecified else f"{address}"
@@ -58,7 +63,7 @@ def reach_warning(address: str, api_key: str | None) -> str | None:
 
 def url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    ip = ipaddress.ip_address(host.split("%")[0])
+    ip = ip_of(host)
     if ip.is_unspecified:  # every interface: this machine reaches itself on loopback
         ip = ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")
     return f"http://{ip}:{port}" if ip.version == 4 else f"http://[{ip}]:{port}"
@@ -93,7 +98,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
         )
 
     worker = ModelWorker()
-    local = ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+    local = ip_of(sock.getsockname()[0]).is_loopback
     app = build_app(served, api_key, worker, on_start=announce, local_only=local)
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=GRACE_SECONDS
