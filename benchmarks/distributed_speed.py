@@ -63,7 +63,7 @@ def muon_share(preset: str, overrides: list[str], reps: int = 20) -> dict:
     from potion.model import GPT
     from potion.optim import make_optimizer
 
-    config = resolve(preset, None, ["vocab_size=65", "optimizer=muon", *overrides])
+    config = resolve(preset, None, ["vocab_size=65", *overrides, "optimizer=muon"])  # Muon whatever the runs use
     device = pick_device(config.train.device)
     dtype = pick_dtype(config.train.dtype, device)
     model = GPT(config.model).to(device)
