@@ -4,8 +4,10 @@ A random GPT2LMHeadModel of GPT-2 small's shape (12 layers, 12 heads, 768 wide, 
 saved by transformers with a byte-level BPE tokenizer, then loaded by potion from that folder (its GPT-2 import)
 and by transformers. Each repetition, interleaved so a slow spell hits every contender alike, generates
 --new-tokens greedy tokens at batch 1 after a --prompt-tokens prompt (prefill included in the time), with:
-  - potion's default (`potion generate`: the one-token steps in bf16 where this machine makes that faster),
-  - potion's exact fp32 mode (--decode-dtype fp32: the same tokens as transformers),
+  - potion's default (`potion generate`: bf16 decode weights where this machine makes that faster, and
+    speculative decoding where it pays: a 4-bit copy drafts 4 tokens, the bf16 decoder checks them at once),
+  - the same without drafts (--draft-tokens 0),
+  - potion's exact fp32 mode (--decode-dtype fp32: fp32 checks, the same tokens as transformers),
   - transformers' `generate` in fp32.
 Prints one JSON line: the machine, medians of tokens/s, the ratios, and whether the greedy tokens agree.
 
@@ -32,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 from machine import dtype_name, emit, result  # noqa: E402
 
 import potion  # noqa: E402
-from potion.generate import decoding_dtype, generate_tokens  # noqa: E402
+from potion.generate import decoding_dtype, drafts_per_check, generate_tokens  # noqa: E402
 from potion.hardware import set_threads  # noqa: E402
 
 SHAKESPEARE = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -69,9 +71,14 @@ def gpt2_small_folder(folder: Path) -> Path:
 
 
 @torch.inference_mode()
-def potion_tokens(model, prompt: torch.Tensor, n: int, decode_dtype: str) -> tuple[list[int], float]:
+def potion_tokens(
+    model, prompt: torch.Tensor, n: int, decode_dtype: str, draft_tokens: int | None = None
+) -> tuple[list[int], float]:
     started = time.perf_counter()
-    tokens = [int(t) for t in generate_tokens(model, prompt, n, temperature=0, eot_id=None, decode_dtype=decode_dtype)]
+    steps = generate_tokens(
+        model, prompt, n, temperature=0, eot_id=None, decode_dtype=decode_dtype, draft_tokens=draft_tokens
+    )
+    tokens = [int(t) for t in steps]
     return tokens, time.perf_counter() - started
 
 
@@ -104,6 +111,7 @@ def main(argv=None) -> None:
     n = args.new_tokens
     runs = {
         "potion_default": lambda: potion_tokens(ours, prompt, n, "auto"),
+        "potion_default_without_drafts": lambda: potion_tokens(ours, prompt, n, "auto", draft_tokens=0),
         "potion_fp32": lambda: potion_tokens(ours, prompt, n, "fp32"),
         "transformers_fp32": lambda: transformers_tokens(theirs, prompt, n),
     }
@@ -127,10 +135,16 @@ def main(argv=None) -> None:
             "reps": args.reps,
             **{f"{name}_tokens_per_second": round(s, 2) for name, s in speed.items()},
             "potion_default_decode_dtype": dtype_name(decoding_dtype(ours, "auto")),
+            "potion_default_draft_tokens": drafts_per_check(ours, 1, None),
             "default_vs_transformers": round(speed["potion_default"] / speed["transformers_fp32"], 2),
+            "without_drafts_vs_transformers": round(
+                speed["potion_default_without_drafts"] / speed["transformers_fp32"], 2
+            ),
             "fp32_vs_transformers": round(speed["potion_fp32"] / speed["transformers_fp32"], 2),
             "fp32_greedy_tokens_identical": tokens["potion_fp32"] == tokens["transformers_fp32"],
             "default_greedy_tokens_identical": tokens["potion_default"] == tokens["transformers_fp32"],
+            "without_drafts_greedy_tokens_identical": tokens["potion_default_without_drafts"]
+            == tokens["transformers_fp32"],
         }
     )
 

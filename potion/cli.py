@@ -87,6 +87,7 @@ def cmd_generate(args) -> int:
         stop=tuple(args.stop),
         num_samples=args.num_samples,
         decode_dtype=args.decode_dtype,
+        draft_tokens=args.draft_tokens,
     )
     model, tokenizer = load(args.model)
     prompt = checked_text(args.prompt or "", "the prompt")  # before it is echoed: stdout takes only real text
@@ -259,6 +260,13 @@ def add_generate(sub) -> None:
         metavar="auto|fp32|bf16",
         help="weights for the one-token steps: bf16 halves the bytes read per token (auto: where that is "
         "faster); fp32 matches the full forward pass exactly",
+    )
+    g.add_argument(
+        "--draft-tokens",
+        type=int,
+        metavar="N",
+        help="speculative decoding: a 4-bit copy of the model drafts N tokens, checked in one pass; the text is "
+        "the same (default: 4 where that is faster, a CPU and a big model; 0: off)",
     )
     g.add_argument("--json", action="store_true", help="print the samples as one JSON object")
     g.set_defaults(func=cmd_generate)

@@ -383,6 +383,7 @@ def resolve(
     return config
 
 
+MAX_DRAFT_TOKENS = 16  # one check's products stay a few rows, where packed weights keep their speed
 DECODE_DTYPES = ("auto", "fp32", "bf16")  # auto, or a name in hardware.DTYPES (kept torch-free here)
 
 
@@ -398,6 +399,9 @@ class SamplingConfig:
     stop: tuple[str, ...] = field(default_factory=tuple)
     num_samples: int = 1
     decode_dtype: str = "auto"  # precision of the weights in one-token decode steps: auto | fp32 | bf16
+    # speculative decoding: tokens a 4-bit copy of the model drafts before each check; None = where it pays
+    # (a CPU, one sequence, weights too big for the caches), 0 = off. The output is the same either way.
+    draft_tokens: int | None = None
 
     def __post_init__(self):
         self._check_types()
@@ -419,6 +423,11 @@ class SamplingConfig:
             raise PotionError(f"num_samples must be at least 1, got {self.num_samples}", setting="num_samples")
         if self.seed is not None:
             _check_seed(self.seed, "seed", setting="seed")
+        if self.draft_tokens is not None and not 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise PotionError(
+                f"draft_tokens must be from 0 (off) to {MAX_DRAFT_TOKENS}, got {self.draft_tokens}",
+                setting="draft_tokens",
+            )
         if self.decode_dtype not in DECODE_DTYPES:
             raise PotionError(
                 f"decode_dtype must be one of {', '.join(DECODE_DTYPES)}, got {self.decode_dtype!r}",
@@ -433,9 +442,9 @@ class SamplingConfig:
                 object.__setattr__(self, name, value := float(value))  # frozen: this is its construction
             if type(value) is not float or not math.isfinite(value):
                 raise PotionError(f"{name} must be a finite number, got {value!r}", setting=name)
-        for name in ("max_new_tokens", "top_k", "seed", "num_samples"):
+        for name in ("max_new_tokens", "top_k", "seed", "num_samples", "draft_tokens"):
             value = getattr(self, name)
-            if type(value) is not int and not (value is None and name in ("top_k", "seed")):
+            if type(value) is not int and not (value is None and name in ("top_k", "seed", "draft_tokens")):
                 raise PotionError(f"{name} must be an integer, got {value!r}", setting=name)
         if isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))

@@ -83,12 +83,21 @@ class KVCache:
         """Start again from position 0; the old keys and values are overwritten as the cache refills."""
         self.length = 0
 
-    def to(self, dtype: torch.dtype) -> "KVCache":
-        """This cache with its keys and values in dtype (itself when they already are)."""
-        if self.layers[0].key.dtype == dtype:
+    def to(self, dtype: torch.dtype, copy: bool = False) -> "KVCache":
+        """This cache with its keys and values in dtype (itself when they already are, unless copy). Only the
+        filled positions are copied: the rest is written before it is read."""
+        if self.layers[0].key.dtype == dtype and not copy:
             return self
-        layers = [LayerCache(layer.key.to(dtype), layer.value.to(dtype)) for layer in self.layers]
+        layers = [
+            LayerCache(self._filled_copy(layer.key, dtype), self._filled_copy(layer.value, dtype))
+            for layer in self.layers
+        ]
         return KVCache(layers, self.length)
+
+    def _filled_copy(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        copied = torch.empty_like(tensor, dtype=dtype)  # (B, H, context, D)
+        copied[:, :, : self.length] = tensor[:, :, : self.length]
+        return copied
 
 
 class Attention(nn.Module):
