@@ -1,6 +1,6 @@
 """Speculative decoding on a trained model: how many drafts the decoder keeps, and what that does to the speed.
 
-For each temperature and each number of drafted tokens (0 = plain decoding), generates --new-tokens tokens after
+For each temperature and each number of drafted tokens (0 = plain decoding, auto = potion's default), generates --new-tokens tokens after
 a prompt, --reps times (seeds 0, 1, ...), and reports the median tokens/s, the fraction of drafted tokens kept,
 and the tokens each check of the decoder produced. A model with random weights keeps every draft (its greedy
 output repeats one token), so this is the benchmark that says what drafts are worth on real text.
@@ -45,7 +45,7 @@ class CheckCounter:
         return kept, replacement
 
 
-def measure(model, prompt, n: int, temperature: float, drafts: int, reps: int) -> dict:
+def measure(model, prompt, n: int, temperature: float, drafts: int | None, reps: int) -> dict:
     counter = generate.check = CheckCounter()
     speeds = []
     try:
@@ -69,11 +69,15 @@ def measure(model, prompt, n: int, temperature: float, drafts: int, reps: int) -
         generate.check = counter.real
     return {
         "temperature": temperature,
-        "draft_tokens": drafts,
+        "draft_tokens": "auto" if drafts is None else drafts,
         "tokens_per_second": round(statistics.median(speeds), 1),
         "drafts_kept": round(counter.kept / counter.drafted, 3) if counter.drafted else None,
         "tokens_per_check": round((counter.kept + counter.checks) / counter.checks, 2) if counter.checks else None,
     }
+
+
+def draft_count(text: str) -> int | None:
+    return None if text == "auto" else int(text)
 
 
 def main(argv=None) -> None:
@@ -81,7 +85,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", required=True, help="a run directory or model folder")
     ap.add_argument("--new-tokens", type=int, default=300)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[0, 2, 4, 6])
+    ap.add_argument(
+        "--draft-tokens", type=draft_count, nargs="+", default=[0, 2, 4, 6, None], help="numbers, or auto"
+    )
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     args = ap.parse_args(argv)
 

@@ -19,7 +19,7 @@ from .config import SamplingConfig  # lives with the other configs; importable f
 from .errors import PotionError
 from .hardware import DTYPES
 from .model import KVCache
-from .speculate import DRAFT_TOKENS, check, draft, drafting_model, int4_available
+from .speculate import DRAFT_TOKENS, best_draft_count, check, draft, drafting_model, int4_available
 
 # Under about this many bytes of fp32 weights a CPU decode step is bound by per-operation overhead rather than by
 # reading the weights, so bf16 weights gain nothing (measured: 0.8M parameters, 0.94x; 3.2M, 1.28x; 10.8M, 1.72x).
@@ -233,7 +233,8 @@ def generate_tokens(
     decode_as = decoding_dtype(model, decode_dtype)
     drafts = drafts_per_check(model, idx.size(0), draft_tokens)
     if drafts > 0:
-        yield from speculative_tokens(model, idx, max_new_tokens, rules, generator, eot_id, decode_as, drafts)
+        adapt = draft_tokens is None
+        yield from speculative_tokens(model, idx, max_new_tokens, rules, generator, eot_id, decode_as, drafts, adapt)
         return
     context = model.config.context_length
     history = idx[:, -context:]
@@ -255,8 +256,11 @@ def generate_tokens(
             logits = decode_one_token(decoder, token, cache)
 
 
-def speculative_tokens(model, idx, max_new_tokens: int, rules: dict, generator, eot_id, decode_as, drafts: int):
-    """generate_tokens for one sequence, checking up to `drafts` guesses of a 4-bit copy per decoder pass.
+def speculative_tokens(
+    model, idx, max_new_tokens: int, rules: dict, generator, eot_id, decode_as, drafts: int, adapt: bool
+):
+    """generate_tokens for one sequence, checking `drafts` guesses of a 4-bit copy per decoder pass. With adapt,
+    the number of guesses follows how many the decoder keeps (see speculate.best_draft_count).
 
     `window` always holds the tokens in the decoder's cache; the drafter's cache holds a prefix of them.
     """
@@ -273,7 +277,7 @@ def speculative_tokens(model, idx, max_new_tokens: int, rules: dict, generator, 
         token = logits.float().argmax(-1) if probs is None else torch.multinomial(probs, 1, generator=generator)
         return int(token), probs
 
-    made, replacement = 0, None
+    made, replacement, tested, kept_total = 0, None, 0, 0
     while made < max_new_tokens:
         token = replacement if replacement is not None else int(sample_next(logits, **rules, generator=generator))
         guesses = min(drafts, context - cache.length - 1, max_new_tokens - made - 1)
@@ -288,6 +292,8 @@ def speculative_tokens(model, idx, max_new_tokens: int, rules: dict, generator, 
             drafter_cache.length = min(drafter_cache.length, cache.length)
             logits = verified[kept : kept + 1]
             new += drafted[:kept]
+            tested, kept_total = tested + kept + (kept < guesses), kept_total + kept  # after a miss: untested
+            drafts = best_draft_count(kept_total, tested) if adapt else drafts
         for t in new:
             yield idx.new_tensor([t])
             made += 1

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 
 from potion import GPT, ModelConfig, PotionError, SamplingConfig, generate
 from potion.generate import drafts_per_check, generate_tokens
-from potion.speculate import Int4Linear, int4_available, keep_or_replace
+from potion.speculate import (
+    DRAFT_TOKENS,
+    MAX_ADAPTED_DRAFTS,
+    Int4Linear,
+    best_draft_count,
+    int4_available,
+    keep_or_replace,
+)
 
 pytestmark = pytest.mark.skipif(not int4_available(), reason="this PyTorch has no CPU kernels for 4-bit weights")
 
@@ -60,12 +67,13 @@ def test_int4_linear_reads_back_each_group_on_16_levels():
     assert (F.linear(x, linear.weight, linear.bias) - expected).abs().max() > 0.01  # 4 bits are not the weights
 
 
-@pytest.mark.parametrize("decode_dtype", ["fp32", "bf16"])
-def test_greedy_tokens_are_the_decoders_own_past_the_context(decode_dtype, checks):
+@pytest.mark.parametrize("decode_dtype, drafts", [("fp32", 4), ("bf16", 4), ("fp32", None)])
+def test_greedy_tokens_are_the_decoders_own_past_the_context(decode_dtype, drafts, checks, monkeypatch):
     model = spread_model(0)
     plain = tokens(model, 60, decode_dtype=decode_dtype, draft_tokens=0)  # 60 > context of 24: refills
     assert not checks
-    assert tokens(model, 60, decode_dtype=decode_dtype, draft_tokens=4) == plain
+    monkeypatch.setattr(generate, "BF16_DECODE_MIN_BYTES", 1)  # None: speculate as on a big model
+    assert tokens(model, 60, decode_dtype=decode_dtype, draft_tokens=drafts) == plain
     assert checks and sum(kept for _, kept in checks) > len(checks)  # drafts were checked, most of them kept
     assert len(set(plain)) > 5
 
@@ -124,6 +132,28 @@ def test_sampled_tokens_follow_the_decoders_distribution(monkeypatch):
             counts[int(out[1])] += 1
     frequencies = torch.tensor([counts[i] / runs for i in range(8)])
     assert (frequencies - second).abs().sum() / 2 < 0.08  # total variation: about 0.04 expected from 800 draws
+
+
+def test_drafts_per_check_follow_the_drafts_kept():
+    assert best_draft_count(0, 0) == DRAFT_TOKENS  # nothing seen yet: 9 of 10 kept
+    assert best_draft_count(89, 100) == 4
+    assert best_draft_count(95, 100) == 6
+    assert best_draft_count(200, 200) == MAX_ADAPTED_DRAFTS  # every draft kept: as many as a check takes cheaply
+    assert best_draft_count(50, 100) == 1  # half kept: a guess at a time
+
+
+@pytest.mark.parametrize("drafts", [None, 3])
+def test_sampling_with_a_seed_gives_the_same_text_every_time(drafts, monkeypatch):
+    monkeypatch.setattr(generate, "BF16_DECODE_MIN_BYTES", 1)
+    model = spread_model(0)
+    with torch.no_grad():
+        model.head.weight.div_(30)
+    first, again = (
+        tokens(model, 50, temperature=1.0, generator=torch.Generator().manual_seed(5), draft_tokens=drafts)
+        for _ in range(2)
+    )
+    other = tokens(model, 50, temperature=1.0, generator=torch.Generator().manual_seed(6), draft_tokens=drafts)
+    assert first == again != other
 
 
 def test_speculation_is_on_where_reading_weights_dominates(monkeypatch):
