@@ -1,9 +1,10 @@
 """Speculative decoding on a trained model: how many drafts the decoder keeps, and what that does to the speed.
 
-For each temperature and each number of drafted tokens (0 = plain decoding, auto = potion's default), generates --new-tokens tokens after
-a prompt, --reps times (seeds 0, 1, ...), and reports the median tokens/s, the fraction of drafted tokens kept,
-and the tokens each check of the decoder produced. A model with random weights keeps every draft (its greedy
-output repeats one token), so this is the benchmark that says what drafts are worth on real text.
+For each temperature and each number of drafted tokens (0 = plain decoding, auto = potion's default), generates
+--new-tokens tokens after a prompt, --reps times (seeds 1, 2, ...), and reports the median tokens/s, the
+fraction of drafted tokens kept, and the tokens each check of the decoder produced. A model with random weights
+keeps nearly every draft (its greedy output repeats a few tokens), so this is the benchmark that says what drafts
+are worth on real text.
 
 Usage (from the project root):
     python benchmarks/speculative.py --model runs/letters
@@ -85,9 +86,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", required=True, help="a run directory or model folder")
     ap.add_argument("--new-tokens", type=int, default=300)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument(
-        "--draft-tokens", type=draft_count, nargs="+", default=[0, 2, 4, 6, None], help="numbers, or auto"
-    )
+    ap.add_argument("--draft-tokens", type=draft_count, nargs="+", default=[0, 2, 4, 6, None], help="numbers, or auto")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     args = ap.parse_args(argv)
 

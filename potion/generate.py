@@ -172,8 +172,8 @@ class VectorLinear(torch.nn.Linear):
 
 class PackedLinear(torch.nn.Module):
     """A Linear whose weight oneDNN has laid out once, ahead of time, for products with a few rows: the decode
-    steps and speculative checks. For GPT-2 small in bf16 its products take 10.8 ms per step where torch.mv
-    takes 14.9 and the plain matrix product 15.6, and it keeps that speed up to 8 rows (measured)."""
+    steps and speculative checks. For GPT-2 small in bf16 its products take about 11 ms for 1 row and for 8 alike,
+    as fast as torch.mv for one row, where the plain matrix product takes about 16 ms for 5 rows (measured)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
