@@ -19,12 +19,12 @@ from .config import SamplingConfig  # lives with the other configs; importable f
 from .errors import PotionError
 from .hardware import DTYPES
 from .model import KVCache
-from .speculate import DRAFT_TOKENS, best_draft_count, check, draft, drafting_model, int4_available
+from .speculate import DRAFT_TOKENS, best_draft_count, check, draft, int4_available, make_drafter
 
 # Under about this many bytes of fp32 weights a CPU decode step is bound by per-operation overhead rather than by
 # reading the weights, so bf16 weights gain nothing (measured: 0.8M parameters, 0.94x; 3.2M, 1.28x; 10.8M, 1.72x).
 BF16_DECODE_MIN_BYTES = 8 * 2**20
-DECODING_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {dtype: (versions, copy)}
+DECODING_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: (versions, copy)}
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -69,10 +69,17 @@ def sample_next(
     logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    return sample_with_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)[0]
+
+
+def sample_with_probs(
+    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample_next, also returning the probabilities the tokens were drawn with (None for greedy)."""
     probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     if probs is None:
-        return logits.float().argmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return logits.float().argmax(dim=-1), None
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
 
 
 def not_finite() -> PotionError:
@@ -139,21 +146,34 @@ def decoding_model(model, dtype: torch.dtype, checks: bool = False):
 
     checks: the decoder will also check drafted tokens, products of a few rows, where a copy with packed weights
     pays in fp32 too (GPT-2 small, 5 rows: 22 ms against 35 for the plain product; 1 row: 19 against 17).
-    The copy is made once and kept while the model lives (making it takes about a second for GPT-2 small); a
-    change to the model's weights, such as an optimizer step, makes a fresh one.
     """
     on_cpu = next(model.parameters()).device.type == "cpu"
     packs_fp32 = checks and on_cpu and packing_available(torch.float32)
     if next(model.parameters()).dtype == dtype and not (dtype == torch.float32 and packs_fp32):
         return model
-    versions = tuple(p._version for p in model.parameters())  # in-place updates bump a tensor's version
-    copies = DECODING_COPIES.setdefault(model, {})
-    kept = copies.get(dtype)
-    if kept is None or kept[0] != versions:
+
+    def make(model):
         decoder = copy.deepcopy(model).to(dtype)
         if on_cpu:
             use_fast_products(decoder)
-        kept = copies[dtype] = (versions, decoder)
+        return decoder
+
+    return kept_copy(model, dtype, make)
+
+
+def drafting_model(model):
+    """The 4-bit drafting copy of model (see potion.speculate)."""
+    return kept_copy(model, "4-bit drafter", make_drafter)
+
+
+def kept_copy(model, kind, make):
+    """make(model), made once per kind and set of weights and kept while the model lives (making a decode copy
+    of GPT-2 small takes about a second); a change to the weights, such as an optimizer step, makes a fresh one."""
+    versions = tuple(p._version for p in model.parameters())  # in-place updates bump a tensor's version
+    copies = DECODING_COPIES.setdefault(model, {})
+    kept = copies.get(kind)
+    if kept is None or kept[0] != versions:
+        kept = copies[kind] = (versions, make(model))
     return kept[1]
 
 
@@ -272,14 +292,13 @@ def speculative_tokens(
     drafter_cache = cache.to(torch.bfloat16, copy=True)  # the prompt's keys and values, without a 4-bit prefill
     probs_of = functools.partial(token_probs, **rules)
 
-    def pick(logits):
-        probs = probs_of(logits)
-        token = logits.float().argmax(-1) if probs is None else torch.multinomial(probs, 1, generator=generator)
+    def pick(logits):  # (1, V) -> the drawn token and its probabilities
+        token, probs = sample_with_probs(logits, **rules, generator=generator)
         return int(token), probs
 
     made, replacement, tested, kept_total = 0, None, 0, 0
     while made < max_new_tokens:
-        token = replacement if replacement is not None else int(sample_next(logits, **rules, generator=generator))
+        token = replacement if replacement is not None else pick(logits)[0]
         guesses = min(drafts, context - cache.length - 1, max_new_tokens - made - 1)
         new, replacement = [token], None
         if guesses > 0:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import weakref
 from typing import Callable
 
 import torch
@@ -25,7 +24,6 @@ DRAFT_TOKENS = 4  # guesses per check to start from: the best count for 90% of d
 MAX_ADAPTED_DRAFTS = 8  # a check of up to 9 rows costs about what one row does with packed weights (measured)
 DRAFT_COST = 0.4  # a 4-bit draft step's time over a check's: GPT-2 small on a CPU, 6.3 ms against 16 (measured)
 INT4_GROUPS = (64, 128, 32)  # numbers sharing one scale and offset, in order of preference
-DRAFTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its versions, 4-bit copy)
 
 
 @functools.cache
@@ -101,19 +99,15 @@ def int4_group(in_features: int) -> int | None:
     return next((g for g in INT4_GROUPS if in_features % g == 0), None)
 
 
-def drafting_model(model: nn.Module) -> nn.Module:
-    """A bf16 copy of model with every Linear the kernel can take in 4 bits; made once per set of weights."""
-    versions = tuple(p._version for p in model.parameters())
-    kept = DRAFTERS.get(model)
-    if kept is None or kept[0] != versions:
-        drafter = copy.deepcopy(model).to(torch.bfloat16)
-        for module in list(drafter.modules()):
-            for name, child in list(module.named_children()):
-                group = int4_group(child.in_features) if isinstance(child, nn.Linear) else None
-                if group is not None:
-                    setattr(module, name, Int4Linear(child, group))
-        kept = DRAFTERS[model] = (versions, drafter)
-    return kept[1]
+def make_drafter(model: nn.Module) -> nn.Module:
+    """A bf16 copy of model with every Linear the kernel can take in 4 bits."""
+    drafter = copy.deepcopy(model).to(torch.bfloat16)
+    for module in list(drafter.modules()):
+        for name, child in list(module.named_children()):
+            group = int4_group(child.in_features) if isinstance(child, nn.Linear) else None
+            if group is not None:
+                setattr(module, name, Int4Linear(child, group))
+    return drafter
 
 
 def keep_or_replace(p: torch.Tensor, q: torch.Tensor, drafted: int, generator) -> int | None:
