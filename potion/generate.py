@@ -1,6 +1,6 @@
 """Generation: prefill the prompt, then decode one token at a time from the KV cache.
 
-Sampling is a handful of small pure functions on a logits vector: temperature, top-k, top-p, then a draw.
+The sampling rules themselves are the small pure functions of potion.sampling.
 """
 
 from __future__ import annotations
@@ -16,76 +16,15 @@ from typing import Generator, Iterator
 import torch
 
 from .config import SamplingConfig  # lives with the other configs; importable from here too
-from .errors import PotionError
 from .hardware import DTYPES
 from .model import KVCache
+from .sampling import sample_next, sample_with_probs, token_probs
 from .speculate import DRAFT_TOKENS, best_draft_count, check, draft, int4_available, make_drafter
 
 # Under about this many bytes of fp32 weights a CPU decode step is bound by per-operation overhead rather than by
 # reading the weights, so bf16 weights gain nothing (measured: 0.8M parameters, 0.94x; 3.2M, 1.28x; 10.8M, 1.72x).
 BF16_DECODE_MIN_BYTES = 8 * 2**20
 DECODING_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: (versions, copy)}
-
-
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits / max(temperature, 1e-8)
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits; the rest can never be drawn."""
-    if k <= 0 or k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # mass before this token already reaches p
-    drop_sorted[..., 0] = False  # the most likely token always stays (a p below float32's range rounds to 0)
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def token_probs(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor | None:
-    """logits (B, V) -> the probabilities the next token is drawn with (B, V); None for greedy (temperature 0)."""
-    logits = logits.float()
-    if bool((logits.isnan() | logits.isposinf()).any()):  # -inf is a token ruled out; NaN and +inf are damage
-        raise not_finite()
-    if temperature == 0:
-        return None
-    logits = apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p)
-    probs = logits.softmax(dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # finite logits can still overflow once divided by the temperature
-        raise not_finite()
-    return probs
-
-
-def sample_next(
-    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
-    return sample_with_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)[0]
-
-
-def sample_with_probs(
-    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """sample_next, also returning the probabilities the tokens were drawn with (None for greedy)."""
-    probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    if probs is None:
-        return logits.float().argmax(dim=-1), None
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
-
-
-def not_finite() -> PotionError:
-    return PotionError(
-        "the model's next-token scores are not finite numbers (NaN or inf): its weights are damaged or too large"
-    )
 
 
 def prefill(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:

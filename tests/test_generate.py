@@ -2,17 +2,9 @@ import pytest
 import torch
 
 from potion import GPT, ModelConfig, PotionError, SamplingConfig, config, generate, generate_text
-from potion.generate import (
-    apply_top_k,
-    apply_top_p,
-    decode_one_token,
-    decoding_dtype,
-    decoding_model,
-    encode_prompt,
-    prefill,
-    sample_next,
-)
+from potion.generate import decode_one_token, decoding_dtype, decoding_model, encode_prompt, prefill
 from potion.hardware import DTYPES
+from potion.sampling import apply_top_k, apply_top_p, greedy_tokens, sample_next
 from potion.tokenizer import CharTokenizer
 
 
@@ -36,6 +28,17 @@ def test_top_p_keeps_smallest_set_reaching_p():
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]])
     assert sample_next(logits, temperature=0.0, top_k=0, top_p=1.0).tolist() == [1, 0]
+
+
+def test_greedy_takes_the_first_of_equals_and_refuses_damaged_logits():
+    inf = float("inf")
+    logits = torch.tensor([[0.5, 2.0, 2.0], [-inf, 1.0, -inf]], dtype=torch.bfloat16)
+    assert greedy_tokens(logits).tolist() == [1, 1]  # -inf is a ruled-out token, not damage
+    for damage in (float("nan"), inf):
+        damaged = logits.clone()
+        damaged[1, 2] = damage
+        with pytest.raises(PotionError, match="not finite"):
+            greedy_tokens(damaged)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,84 @@
+"""Sampling: small pure functions from a logits vector to the next token.
+
+temperature, top-k and top-p shape the distribution, then a draw (or, at temperature 0, the most likely token).
+Logits that are NaN or +inf mean damaged weights, and are one clear error rather than a garbled text.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import PotionError
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits / max(temperature, 1e-8)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits; the rest can never be drawn."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # mass before this token already reaches p
+    drop_sorted[..., 0] = False  # the most likely token always stays (a p below float32's range rounds to 0)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def token_probs(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor | None:
+    """logits (B, V) -> the probabilities the next token is drawn with (B, V); None for greedy (temperature 0)."""
+    logits = logits.float()
+    if bool((logits.isnan() | logits.isposinf()).any()):  # -inf is a token ruled out; NaN and +inf are damage
+        raise not_finite()
+    if temperature == 0:
+        return None
+    logits = apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p)
+    probs = logits.softmax(dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # finite logits can still overflow once divided by the temperature
+        raise not_finite()
+    return probs
+
+
+def sample_next(
+    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    return sample_with_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)[0]
+
+
+def sample_with_probs(
+    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample_next, also returning the probabilities the tokens were drawn with (None for greedy)."""
+    if temperature == 0:
+        return greedy_tokens(logits), None
+    probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> the most likely token of each row (B,), the first of equals.
+
+    One pass for the choice and the check: max carries a NaN through, and a +inf would be the maximum (max with
+    its indices takes a third of argmax's time on a CPU plus token_probs' separate check, measured).
+    """
+    top, tokens = logits.float().max(dim=-1)
+    if bool((top.isnan() | top.isposinf()).any()):
+        raise not_finite()
+    return tokens
+
+
+def not_finite() -> PotionError:
+    return PotionError(
+        "the model's next-token scores are not finite numbers (NaN or inf): its weights are damaged or too large"
+    )
