@@ -17,7 +17,7 @@ import torch
 
 from .config import SamplingConfig  # lives with the other configs; importable from here too
 from .hardware import DTYPES
-from .model import KVCache
+from .model import KVCache, fuse_projections
 from .sampling import sample_next, sample_with_probs, token_probs
 from .speculate import DRAFT_TOKENS, best_draft_count, check, draft, int4_available, make_drafter
 
@@ -93,6 +93,7 @@ def decoding_model(model, dtype: torch.dtype, checks: bool = False):
 
     def make(model):
         decoder = copy.deepcopy(model).to(dtype)
+        fuse_projections(decoder)
         if on_cpu:
             use_fast_products(decoder)
         return decoder

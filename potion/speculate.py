@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .model import KVCache
+from .model import KVCache, fuse_projections
 from .sampling import greedy_tokens
 
 DRAFT_TOKENS = 4  # guesses per check to start from: the best count for 90% of drafts kept (best_draft_count)
@@ -107,6 +107,7 @@ def int4_group(in_features: int) -> int | None:
 def make_drafter(model: nn.Module) -> nn.Module:
     """A bf16 copy of model with every Linear the kernel can take in 4 bits."""
     drafter = copy.deepcopy(model).to(torch.bfloat16)
+    fuse_projections(drafter)
     for module in list(drafter.modules()):
         for name, child in list(module.named_children()):
             group = int4_group(child.in_features) if isinstance(child, nn.Linear) else None

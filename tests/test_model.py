@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 
 from potion import GPT, ModelConfig
-from potion.model import Dropout, attention_with_dropout, causal_attention, drop_mask
+from potion.model import Dropout, attention_with_dropout, causal_attention, drop_mask, fuse_projections
 
 
 def small_config(**kw):
@@ -57,6 +59,20 @@ def test_cached_decoding_equals_full_recomputation(positions):
         steps.append(model(idx[:, t : t + 1], cache=cache)[:, -1])
     assert torch.allclose(torch.stack(steps[:-1], 1), full[:, 5:13], atol=1e-5)
     assert torch.allclose(steps[-1], full[:, 13], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_projections_compute_the_same_function(variant):
+    torch.manual_seed(3)
+    model = GPT(small_config(**variant)).eval()
+    fused = copy.deepcopy(model)
+    fuse_projections(fused)
+    assert not hasattr(fused.blocks[0].attn, "query") and fused.blocks[0].attn.fused_qkv.out_features == 48
+    idx = torch.randint(0, 50, (2, 12))
+    torch.testing.assert_close(fused(idx), model(idx))
+    cache = fused.new_cache(2)
+    fused(idx[:, :9], cache=cache)
+    torch.testing.assert_close(fused(idx[:, 9:], cache=cache), model(idx)[:, 9:])
 
 
 def test_chunked_prefill_with_cache_matches():
