@@ -101,9 +101,10 @@ def decoding_model(model, dtype: torch.dtype, checks: bool = False):
     return kept_copy(model, dtype, make)
 
 
-def drafting_model(model):
-    """The 4-bit drafting copy of model (see potion.speculate)."""
-    return kept_copy(model, "4-bit drafter", make_drafter)
+def drafting_model(model, dtype: torch.dtype):
+    """The 4-bit drafting copy of model, its other numbers in dtype: the precision of the cache it shares with the
+    decoder (see potion.speculate)."""
+    return kept_copy(model, ("4-bit drafter", dtype), functools.partial(make_drafter, dtype=dtype))
 
 
 def kept_copy(model, kind, make):
@@ -222,14 +223,14 @@ def speculative_tokens(
     """generate_tokens for one sequence, checking `drafts` guesses of a 4-bit copy per decoder pass. With adapt,
     the number of guesses follows how many the decoder keeps (see speculate.best_draft_count).
 
-    `window` always holds the tokens in the decoder's cache; the drafter's cache holds a prefix of them.
+    The drafter and the decoder share one cache: the drafter reads the decoder's keys and values of every token
+    so far and writes its own past them, which the check then overwrites. `window` holds the tokens in the cache.
     """
     context = model.config.context_length
-    decoder, drafter = decoding_model(model, decode_as, checks=True), drafting_model(model)
+    decoder, drafter = decoding_model(model, decode_as, checks=True), drafting_model(model, decode_as)
     window = idx[:, -context:]
     prefill_cache = model.new_cache(1)
     logits, cache = refill(model, window, prefill_cache, decode_as)
-    drafter_cache = cache.to(torch.bfloat16, copy=True)  # the prompt's keys and values, without a 4-bit prefill
     probs_of = functools.partial(token_probs, **rules)
 
     def pick(logits):  # (1, V) -> the drawn token and its probabilities
@@ -242,13 +243,11 @@ def speculative_tokens(
         guesses = min(drafts, context - cache.length - 1, max_new_tokens - made - 1)
         new, replacement = [token], None
         if guesses > 0:
-            unseen = torch.cat((window[:, drafter_cache.length :], idx.new_tensor([[token]])), dim=1)
-            drafted, drafted_probs = draft(drafter, drafter_cache, unseen, guesses, pick)
             before = cache.length
+            drafted, drafted_probs = draft(drafter, cache, token, guesses, pick)
             verified = decoder(idx.new_tensor([[token, *drafted]]), cache=cache)[0]  # (guesses + 1, V)
             kept, replacement = check(verified, drafted, drafted_probs, probs_of, generator)
             cache.length = before + 1 + kept  # the rejected positions are overwritten later
-            drafter_cache.length = min(drafter_cache.length, cache.length)
             logits = verified[kept : kept + 1]
             new += drafted[:kept]
             tested, kept_total = tested + kept + (kept < guesses), kept_total + kept  # after a miss: untested
@@ -264,7 +263,6 @@ def speculative_tokens(
         if cache.length >= context:
             window = window[:, -(context // 2) :]
             logits, cache = refill(model, window, prefill_cache, decode_as)
-            drafter_cache = cache.to(torch.bfloat16, copy=True)
         else:
             logits = decode_one_token(decoder, window[0, -1:], cache)
 

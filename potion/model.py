@@ -83,10 +83,10 @@ class KVCache:
         """Start again from position 0; the old keys and values are overwritten as the cache refills."""
         self.length = 0
 
-    def to(self, dtype: torch.dtype, copy: bool = False) -> "KVCache":
-        """This cache with its keys and values in dtype (itself when they already are, unless copy). Only the
-        filled positions are copied: the rest is written before it is read."""
-        if self.layers[0].key.dtype == dtype and not copy:
+    def to(self, dtype: torch.dtype) -> "KVCache":
+        """This cache with its keys and values in dtype (itself when they already are). Only the filled positions
+        are copied: the rest is written before it is read."""
+        if self.layers[0].key.dtype == dtype:
             return self
         layers = [
             LayerCache(self._filled_copy(layer.key, dtype), self._filled_copy(layer.value, dtype))

@@ -104,9 +104,10 @@ def int4_group(in_features: int) -> int | None:
     return next((g for g in INT4_GROUPS if in_features % g == 0), None)
 
 
-def make_drafter(model: nn.Module) -> nn.Module:
-    """A bf16 copy of model with every Linear the kernel can take in 4 bits."""
-    drafter = copy.deepcopy(model).to(torch.bfloat16)
+def make_drafter(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A copy of model with every Linear the kernel can take in 4 bits, its other numbers (norms, embeddings) in
+    dtype."""
+    drafter = copy.deepcopy(model).to(dtype)
     fuse_projections(drafter)
     for module in list(drafter.modules()):
         for name, child in list(module.named_children()):
@@ -131,19 +132,21 @@ def keep_or_replace(p: torch.Tensor, q: torch.Tensor, drafted: int, generator) -
     return int(torch.multinomial(leftover, 1, generator=generator))
 
 
-def draft(drafter, cache: KVCache, unseen: torch.Tensor, k: int, pick: Callable) -> tuple[list[int], list]:
-    """Feed the drafter the tokens its cache lacks (1, n), then let it guess k tokens.
+def draft(drafter, cache: KVCache, token: int, k: int, pick: Callable) -> tuple[list[int], list]:
+    """Let the drafter guess the k tokens after `token`, which follows the cache's tokens.
 
-    pick(logits (1, V)) -> (token, its probabilities or None). Returns the guesses and their probabilities.
+    The drafter writes its keys and values past cache.length and leaves the length as it was: the decoder's check
+    overwrites them with its own. pick(logits (1, V)) -> (token, its probabilities or None). Returns the guesses
+    and their probabilities.
     """
+    start, device = cache.length, cache.layers[0].key.device
     tokens, probs = [], []
-    logits = drafter(unseen, cache=cache, last_only=True)[:, -1]
-    for i in range(k):
+    for _ in range(k):
+        logits = drafter(torch.tensor([[token]], device=device), cache=cache, last_only=True)[:, -1]
         token, q = pick(logits)
         tokens.append(token)
         probs.append(q)
-        if i + 1 < k:
-            logits = drafter(torch.tensor([[token]], device=unseen.device), cache=cache, last_only=True)[:, -1]
+    cache.length = start
     return tokens, probs
 
 

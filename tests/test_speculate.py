@@ -81,8 +81,10 @@ def test_greedy_tokens_are_the_decoders_own_past_the_context(decode_dtype, draft
 def test_rejected_drafts_are_rolled_back(monkeypatch, checks):
     model = spread_model(0)
     plain = tokens(model, 60, decode_dtype="fp32", draft_tokens=0)
-    stranger = spread_model(1).to(torch.bfloat16)  # other weights: its guesses are mostly wrong
-    monkeypatch.setattr(generate, "drafting_model", lambda model: stranger)
+    stranger = spread_model(0)
+    with torch.no_grad():  # a noisy output layer: many of its guesses are wrong, some right
+        stranger.head.weight.add_(torch.randn_like(stranger.head.weight) * stranger.head.weight.std())
+    monkeypatch.setattr(generate, "drafting_model", lambda model, dtype: stranger.to(dtype))
     assert tokens(model, 60, decode_dtype="fp32", draft_tokens=3) == plain
     assert any(kept < drafted for drafted, kept in checks)
     assert any(kept > 0 for _, kept in checks)  # and, by chance, a few right ones
@@ -117,8 +119,8 @@ def test_sampled_tokens_follow_the_decoders_distribution(monkeypatch):
     model = spread_model(0, vocab_size=8)
     with torch.no_grad():
         model.head.weight.div_(30 * 4)  # closer scores: every token has a fair chance
-    stranger = spread_model(1, vocab_size=8).to(torch.bfloat16)
-    monkeypatch.setattr(generate, "drafting_model", lambda model: stranger)
+    stranger = spread_model(1, vocab_size=8)
+    monkeypatch.setattr(generate, "drafting_model", lambda model, dtype: stranger.to(dtype))
     prompt = torch.tensor([[1, 2, 3]])
     with torch.inference_mode():
         first = model(prompt)[0, -1].softmax(-1)
