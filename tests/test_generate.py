@@ -4,7 +4,7 @@ import torch
 from potion import GPT, ModelConfig, PotionError, SamplingConfig, config, generate, generate_text
 from potion.generate import decode_one_token, decoding_dtype, decoding_model, encode_prompt, prefill
 from potion.hardware import DTYPES
-from potion.sampling import apply_top_k, apply_top_p, greedy_tokens, sample_next
+from potion.sampling import apply_top_k, apply_top_p, draw, greedy_tokens, sample_next
 from potion.tokenizer import CharTokenizer
 
 
@@ -28,6 +28,24 @@ def test_top_p_keeps_smallest_set_reaching_p():
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]])
     assert sample_next(logits, temperature=0.0, top_k=0, top_p=1.0).tolist() == [1, 0]
+
+
+def test_draws_follow_the_probabilities_and_never_pick_an_impossible_token():
+    weights = torch.tensor([[0.0, 3.0, 1.0, 0.0, 4.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1e-30]])
+    generator = torch.Generator().manual_seed(0)
+    n = 40000
+    drawn = torch.stack([draw(weights, generator) for _ in range(n)])  # (n, 2)
+    first = torch.bincount(drawn[:, 0], minlength=7) / n
+    assert (first - weights[0] / weights[0].sum()).abs().max() < 0.01
+    assert first[[0, 3, 6]].sum() == 0
+    assert set(drawn[:, 1].tolist()) == {0}  # 1e-30 against 1: possible, yet not in 40,000 draws
+    assert draw(torch.tensor([0.0, 0.0, 2.0]), generator).tolist() == 2  # a single row of unnormalised weights
+
+
+def test_a_uniform_number_rounded_up_to_the_total_still_draws_a_possible_token(monkeypatch):
+    ones = torch.ones
+    monkeypatch.setattr(torch, "rand", lambda shape, **options: ones(shape, dtype=options["dtype"]))
+    assert draw(torch.tensor([[0.0, 1.0, 0.0]])).tolist() == [1]
 
 
 def test_greedy_takes_the_first_of_equals_and_refuses_damaged_logits():
