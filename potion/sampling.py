@@ -38,15 +38,21 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 def token_probs(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor | None:
     """logits (B, V) -> the probabilities the next token is drawn with (B, V); None for greedy (temperature 0)."""
     logits = logits.float()
-    if bool((logits.isnan() | logits.isposinf()).any()):  # -inf is a token ruled out; NaN and +inf are damage
-        raise not_finite()
+    refuse_damage(logits.max(dim=-1).values)
     if temperature == 0:
         return None
     logits = apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p)
     probs = logits.softmax(dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # finite logits can still overflow once divided by the temperature
+    if not bool(probs.sum(dim=-1).isfinite().all()):  # finite logits can still overflow once divided by the temperature
         raise not_finite()
     return probs
+
+
+def refuse_damage(top: torch.Tensor) -> None:
+    """top: each row's largest logit. max carries a NaN through and a +inf would be the largest, so one look at
+    the maxima finds both kinds of damage (-inf is no damage: a token ruled out)."""
+    if bool((top.isnan() | top.isposinf()).any()):
+        raise not_finite()
 
 
 def sample_next(
@@ -84,12 +90,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """logits (B, V) -> the most likely token of each row (B,), the first of equals.
 
-    One pass for the choice and the check: max carries a NaN through, and a +inf would be the maximum (max with
-    its indices takes a third of argmax's time on a CPU plus token_probs' separate check, measured).
+    max with its indices gives the choice and what refuse_damage needs in one pass (on a CPU, a third of the time
+    of argmax, measured).
     """
     top, tokens = logits.float().max(dim=-1)
-    if bool((top.isnan() | top.isposinf()).any()):
-        raise not_finite()
+    refuse_damage(top)
     return tokens
 
 
