@@ -7,6 +7,10 @@ once for all of them, and keeps the guesses up to the first one it would not hav
 token after that. So the output is the decoder's: greedy tokens are its argmax at every position, and sampled
 tokens follow its distribution exactly (a drafted token is kept with probability min(1, p/q), and a rejected one
 is replaced by a draw from the leftover max(p - q, 0)). The drafts only decide how fast it goes.
+
+The two share one cache: the drafter reads the decoder's keys and values of every token so far (so it needs no
+prefill of its own and guesses with the decoder's view of the past) and writes its own for its guesses, which the
+check overwrites.
 """
 
 from __future__ import annotations
