@@ -5,7 +5,7 @@ saved by transformers with a byte-level BPE tokenizer, then loaded by potion fro
 and by transformers. Each repetition, interleaved so a slow spell hits every contender alike, generates
 --new-tokens greedy tokens at batch 1 after a --prompt-tokens prompt (prefill included in the time), with:
   - potion's default (`potion generate`: bf16 decode weights where this machine makes that faster, and
-    speculative decoding where it pays: a 4-bit copy drafts 4 tokens, the bf16 decoder checks them at once),
+    speculative decoding where it pays: a 4-bit copy drafts a few tokens, the bf16 decoder checks them at once),
   - the same without drafts (--draft-tokens 0),
   - potion's exact fp32 mode (--decode-dtype fp32: fp32 checks, the same tokens as transformers),
   - transformers' `generate` in fp32.
