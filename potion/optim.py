@@ -74,8 +74,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str
         )
     ]
     if muon_params:
-        # bf16 Newton-Schulz where bf16 is fast; on CPUs without bf16 hardware it would be hundreds of times slower
+        # bf16 Newton-Schulz where bf16 is fast (on CPUs without bf16 hardware it would be hundreds of times
+        # slower), unless the run asks for fp32: then every step is in fp32
         fast_bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_has_fast_bf16())
+        fast_bf16 = fast_bf16 and config.dtype != "fp32"
         muon = Muon(
             muon_params,
             lr=config.muon_lr,

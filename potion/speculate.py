@@ -92,7 +92,7 @@ class Int4Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A draft step makes some 70 of these calls, so each skips the work it can (a tenth of the step, measured)
+        # A draft step of GPT-2 small makes 49 of these calls, so each skips what it can (5% of the step, measured)
         rows = x.reshape(-1, x.size(-1))
         if rows.dtype != torch.bfloat16:
             rows = rows.to(torch.bfloat16)

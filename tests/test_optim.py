@@ -47,6 +47,8 @@ def test_muon_takes_the_hidden_matrices_and_uses_bf16_only_where_it_is_fast(monk
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     assert muon_ids == {id(p) for p in optim.hidden_matrices(model)}
     assert not muon_ids & {id(p) for g in adamw.param_groups for p in g["params"]}
+    _, asked_fp32 = optim.make_optimizer(model, TrainConfig(optimizer="muon", dtype="fp32"), "cpu")
+    assert asked_fp32.orthogonalise_dtype == torch.float32
 
 
 def test_a_step_marked_found_inf_changes_no_weight_and_no_optimizer_state():
