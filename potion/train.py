@@ -24,7 +24,7 @@ from .errors import PotionError
 from .evaluate import bytes_per_token, estimate_loss
 from .explain import check_probe
 from .fileio import atomic_write_text
-from .hardware import autocast, maybe_compile, pick_device, pick_dtype, set_threads
+from .hardware import autocast, keep_freed_memory, maybe_compile, pick_device, pick_dtype, set_threads
 from .interrupt import StopRequest
 from .model import GPT
 from .optim import StepTally, make_optimizer, set_learning_rate
@@ -237,6 +237,7 @@ def start(
     dtype = pick_dtype(tc.dtype, device)
     if device.type == "cpu":
         set_threads()
+        keep_freed_memory()
     checkpoint = distributed.from_main(lambda: ckpt.latest_checkpoint(run_dir)) if resume else None
     if resume:
         check_resumed_weights(config, run_dir, checkpoint)

@@ -1,3 +1,7 @@
+import os
+import sys
+
+import pytest
 import torch
 
 from potion import hardware
@@ -31,3 +35,17 @@ def test_matmul_peak_stays_quick_where_bf16_is_emulated(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
     assert hardware.matmul_size(cpu, torch.bfloat16) < hardware.matmul_size(cpu, torch.float32)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_freed_memory_stays_with_the_process_for_the_next_step():
+    assert hardware.keep_freed_memory()
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # over glibc's 32 MB: it used to come from the system
+    with_block = resident_bytes()
+    del block
+    assert resident_bytes() > with_block - 32 * 2**20  # not handed back: the next step reuses it
