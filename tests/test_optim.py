@@ -51,7 +51,9 @@ def test_muon_takes_the_hidden_matrices_and_uses_bf16_only_where_it_is_fast(monk
     assert asked_fp32.orthogonalise_dtype == torch.float32
 
 
-def test_a_step_marked_found_inf_changes_no_weight_and_no_optimizer_state():
+@pytest.mark.parametrize("flag_on_the_host", [True, False])  # False: as on a GPU, masked without reading it
+def test_a_step_marked_found_inf_changes_no_weight_and_no_optimizer_state(monkeypatch, flag_on_the_host):
+    monkeypatch.setattr(optim, "read_for_free", lambda flag: flag_on_the_host)
     model = GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=2, n_embd=8))
     optimizers = optim.make_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
     assert optim.can_skip_on_device(optimizers)

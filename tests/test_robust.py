@@ -450,6 +450,7 @@ class HostReads(TorchDispatchMode):
 
 def test_training_steps_do_not_read_back_from_the_device(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(training_loop, "host_read_interval", lambda device: 10)  # what a GPU gets
+    monkeypatch.setattr(potion_optim, "read_for_free", lambda flag: False)  # and Muon's rule for a GPU
     counted_reads = []  # the non-finite counts come back in one .tolist(), which the dispatch mode cannot see
     real_read = training_loop.StepTally.read
     monkeypatch.setattr(training_loop.StepTally, "read", lambda self: counted_reads.append(1) or real_read(self))
