@@ -224,7 +224,11 @@ class FailureWatch(threading.Thread):
                 os._exit(EXIT_CODE)  # the main thread is stuck in a collective: only a hard exit ends it
 
     def stop(self) -> None:
+        """Stop watching, and wait until the last look at the store is over: a thread still inside the store's
+        C++ client while the process group is torn down and the process exits can abort it."""
         self.stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=2 * WATCH_SECONDS)
 
 
 # ---------------------------------------------------------------- stopping together
