@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from potion import GPT, ModelConfig
-from potion.model import Dropout, attention_with_dropout, causal_attention, drop_mask, fuse_projections
+from potion.model import (
+    Dropout,
+    ReluSquared,
+    attention_with_dropout,
+    causal_attention,
+    drop_mask,
+    fuse_projections,
+)
 
 
 def small_config(**kw):
@@ -73,6 +80,31 @@ def test_fused_projections_compute_the_same_function(variant):
     cache = fused.new_cache(2)
     fused(idx[:, :9], cache=cache)
     torch.testing.assert_close(fused(idx[:, 9:], cache=cache), model(idx)[:, 9:])
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, {"bias": True, "qk_norm": True, "positions": "rope"}])
+def test_training_projections_give_the_named_products_and_their_gradients(variant):
+    """While training, query, key and value come from one product against the three weights side by side."""
+    torch.manual_seed(5)
+    model = GPT(small_config(**variant))
+    idx, targets = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
+    grads = {}
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        model.zero_grad()
+        _, loss = model(idx, targets)
+        loss.backward()
+        grads[mode] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["train"][0], grads["eval"][0])
+    for name, grad in grads["eval"][1].items():
+        torch.testing.assert_close(grads["train"][1][name], grad, msg=name)
+    assert grads["eval"][1]["blocks.0.attn.key.weight"].abs().sum() > 0
+
+
+def test_relu_squared_gradient():
+    h = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ReluSquared.apply, (h,))
+    torch.testing.assert_close(ReluSquared.apply(h), torch.relu(h) ** 2)
 
 
 def test_chunked_prefill_with_cache_matches():
