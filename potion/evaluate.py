@@ -12,16 +12,23 @@ from tqdm import tqdm
 from .data import sequential_windows
 from .hardware import autocast
 
+# Small batches are evaluated several to a forward pass of at least this many tokens: per-call costs dominate them
+# (tiny's 15 batches of 1,024 tokens took 150 ms one by one and 112 three at a time, on a CPU).
+EVAL_PASS_TOKENS = 3072
+
 
 @torch.no_grad()
 def estimate_loss(model, batches: list, device: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss over fixed batches, in training's precision: the figure logged at every evaluation."""
+    """Mean loss over fixed batches (of one shape), in training's precision: the figure logged at every evaluation."""
     model.eval()
+    per_pass = max(1, EVAL_PASS_TOKENS // batches[0][0].numel())
     total = torch.zeros((), device=device)
-    for x, y in batches:
+    for i in range(0, len(batches), per_pass):
+        group = batches[i : i + per_pass]
+        x, y = torch.cat([x for x, _ in group]), torch.cat([y for _, y in group])
         with autocast(device, dtype):
             _, loss = model(x.to(device), y.to(device))
-        total += loss.float()
+        total += loss.float() * len(group)  # the mean of the group's batches, counted once for each
     model.train()
     return float(total) / len(batches)
 

@@ -199,3 +199,14 @@ def test_dropout_scales_the_kept_numbers_and_is_off_in_eval():
     torch.testing.assert_close(y[kept], x[kept] / 0.75)
     assert abs(kept.float().mean().item() - 0.75) < 0.01
     assert dropout.eval()(x) is x
+
+
+def test_estimate_loss_groups_small_batches_without_changing_the_mean():
+    from potion.evaluate import EVAL_PASS_TOKENS, estimate_loss
+
+    torch.manual_seed(6)
+    model = GPT(small_config()).eval()
+    rows = EVAL_PASS_TOKENS // 16 // 2  # two batches to a forward pass, and an odd one left over
+    batches = [(torch.randint(0, 50, (rows, 16)), torch.randint(0, 50, (rows, 16))) for _ in range(5)]
+    one_by_one = sum(float(model(x, y)[1]) for x, y in batches) / len(batches)
+    assert estimate_loss(model, batches, torch.device("cpu"), torch.float32) == pytest.approx(one_by_one, rel=1e-6)
