@@ -175,6 +175,7 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     same_shape.setdefault(p.shape, []).append(p)
+            nesterov = {}
             for shape, params in same_shape.items():
                 # With FSDP each process holds a part of each matrix (its rows): the momentum is kept in parts,
                 # and the matrices are gathered whole to be orthogonalised (see README: Muon on several processes)
@@ -184,14 +185,30 @@ class Muon(torch.optim.Optimizer):
                 bufs = [local(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))) for p in params]
                 torch._foreach_mul_(bufs, 1.0 + (group["momentum"] - 1.0) * keep)  # a dropped step keeps them
                 torch._foreach_add_(bufs, grads)
-                nesterov = stacked_whole(torch._foreach_add(grads, bufs, alpha=group["momentum"]), params)
-                whole = orthogonalise(nesterov.to(self.orthogonalise_dtype)).to(params[0].dtype)
-                updates = stacked_parts(whole, params)
+                nesterov[shape] = stacked_whole(torch._foreach_add(grads, bufs, alpha=group["momentum"]), params)
+            orthogonal = orthogonalise_stacks(nesterov, self.orthogonalise_dtype)
+            for shape, params in same_shape.items():
+                updates = stacked_parts(orthogonal[shape].to(params[0].dtype), params)
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 parts = [local(p) for p in params]
                 torch._foreach_mul_(parts, 1.0 - group["lr"] * group["weight_decay"] * keep)
                 torch._foreach_mul_(updates, -group["lr"] * scale * keep)
                 torch._foreach_add_(parts, updates)
+
+
+def orthogonalise_stacks(stacks: dict[torch.Size, torch.Tensor], dtype: torch.dtype) -> dict[torch.Size, torch.Tensor]:
+    """Each stack of matrices (k, m, n) orthogonalised in dtype. Shapes that are each other's transposes (an MLP's
+    widening and narrowing matrices) go through in one batch, the tall ones transposed: half the products."""
+    together: dict[tuple, list[torch.Size]] = {}
+    for shape in stacks:
+        together.setdefault((min(shape), max(shape)), []).append(shape)
+    done = {}
+    for shapes in together.values():
+        wide = [stacks[s].mT if s[0] > s[1] else stacks[s] for s in shapes]  # (k, short side, long side)
+        batch = orthogonalise(torch.cat([w.to(dtype) for w in wide]))
+        for s, part in zip(shapes, batch.split([len(w) for w in wide])):
+            done[s] = part.mT if s[0] > s[1] else part
+    return done
 
 
 def set_learning_rate(optimizers: list[torch.optim.Optimizer], step: int, config: TrainConfig) -> float:

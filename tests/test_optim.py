@@ -104,6 +104,16 @@ def test_orthogonalising_a_stack_equals_one_matrix_at_a_time():
         torch.testing.assert_close(optim.orthogonalise(stack), one_by_one, rtol=1e-5, atol=1e-6)
 
 
+def test_stacks_that_are_each_others_transposes_are_orthogonalised_together_as_on_their_own():
+    gen = torch.Generator().manual_seed(1)
+    stacks = {torch.Size(s): torch.randn(3, *s, generator=gen) for s in [(32, 8), (8, 32), (16, 16)]}
+    together = optim.orthogonalise_stacks(stacks, torch.float32)
+    assert set(together) == set(stacks)
+    for shape, stack in stacks.items():
+        assert together[shape].shape == stack.shape
+        torch.testing.assert_close(together[shape], optim.orthogonalise(stack), rtol=1e-5, atol=1e-6)
+
+
 def test_fused_adamw_is_found_where_torch_has_the_kernel():
     assert optim.has_fused_adamw("cpu")  # torch >= 2.4 has a fused CPU kernel; potion asks for torch >= 2.5
     assert not optim.has_fused_adamw("meta")  # a device with no kernel (and no data) is refused, not an error
