@@ -198,7 +198,7 @@ class Muon(torch.optim.Optimizer):
 
 def orthogonalise_stacks(stacks: dict[torch.Size, torch.Tensor], dtype: torch.dtype) -> dict[torch.Size, torch.Tensor]:
     """Each stack of matrices (k, m, n) orthogonalised in dtype. Shapes that are each other's transposes (an MLP's
-    widening and narrowing matrices) go through in one batch, the tall ones transposed: half the products."""
+    widening and narrowing matrices) go through in one batch, the tall ones transposed: half the calls."""
     together: dict[tuple, list[torch.Size]] = {}
     for shape in stacks:
         together.setdefault((min(shape), max(shape)), []).append(shape)
