@@ -123,15 +123,20 @@ class Attention(nn.Module):
         """Replace query, key and value by one Linear that computes all three side by side: for generation's
         decoding copies, one product and one call where there were three (5% of a GPT-2 small decode step on a
         CPU, measured). Training, checkpoints and explain keep the three named ones."""
-        parts = (self.query, self.key, self.value)
-        has_bias = parts[0].bias is not None
-        fused = nn.Linear(parts[0].in_features, 3 * parts[0].out_features, bias=has_bias, device="meta")
         with torch.no_grad():
-            fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]))
-            if has_bias:
-                fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]))
+            weight, bias = self.side_by_side()
+        fused = nn.Linear(self.query.in_features, weight.size(0), bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(weight)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias)
         self.fused_qkv = fused
         del self.query, self.key, self.value
+
+    def side_by_side(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query, key and value weights (3C, C) and biases (3C,) stacked, in that order."""
+        parts = (self.query, self.key, self.value)
+        bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+        return torch.cat([p.weight for p in parts]), bias
 
     def projections(self, x):
         """Query, key and value of x (B, T, C), each (B, T, C).
@@ -143,9 +148,7 @@ class Attention(nn.Module):
             return self.fused_qkv(x).chunk(3, dim=-1)
         if not self.training:
             return self.query(x), self.key(x), self.value(x)
-        parts = (self.query, self.key, self.value)
-        bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
-        return F.linear(x, torch.cat([p.weight for p in parts]), bias).chunk(3, dim=-1)
+        return F.linear(x, *self.side_by_side()).chunk(3, dim=-1)
 
     def split_heads(self, x):  # (B, T, C) -> (B, H, T, D)
         B, T, _ = x.shape
