@@ -9,8 +9,8 @@ from potion.model import (
     ReluSquared,
     attention_with_dropout,
     causal_attention,
-    drop_mask,
     fuse_projections,
+    keep_mask,
 )
 
 
@@ -153,9 +153,10 @@ def test_sequence_longer_than_context_is_refused():
 
 def test_dropout_drops_each_number_with_probability_p():
     torch.manual_seed(3)
-    dropped = drop_mask((400, 500), 0.2, "cpu")
-    assert abs(dropped.float().mean().item() - 0.2) < 0.005
-    assert not torch.equal(dropped, drop_mask((400, 500), 0.2, "cpu"))  # fresh draws each time
+    kept = keep_mask((400, 500), 0.2, "cpu")
+    assert kept.dtype == torch.uint8 and set(kept.unique().tolist()) == {0, 1}
+    assert abs(kept.float().mean().item() - 0.8) < 0.005
+    assert not torch.equal(kept, keep_mask((400, 500), 0.2, "cpu"))  # fresh draws each time
 
 
 def test_attention_with_dropout_is_causal_and_unbiased():
