@@ -300,6 +300,20 @@ def relu_squared(h: torch.Tensor) -> torch.Tensor:
     return ReluSquared.apply(h)
 
 
+def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation. When compiled, written with a sigmoid instead (gelu_by_sigmoid): the
+    compiler fuses that into one pass, and a CPU's tanh costs several times its exp (shakespeare-char's MLP forward
+    and backward, compiled: 155 ms against 174, measured)."""
+    if torch.compiler.is_compiling():
+        return gelu_by_sigmoid(h)
+    return F.gelu(h, approximate="tanh")
+
+
+def gelu_by_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """h (1 + tanh z) / 2 = h sigmoid(2 z), where z = sqrt(2 / pi) (h + 0.044715 h^3): the same function."""
+    return h * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (h + 0.044715 * h * h * h))
+
+
 class MLP(nn.Module):
     """The feed-forward "thinking step": widen, a non-linearity, project back."""
 
@@ -313,7 +327,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.up(x)  # (B, T, 4C)
-        h = F.gelu(h, approximate="tanh") if self.activation == "gelu" else relu_squared(h)
+        h = gelu_tanh(h) if self.activation == "gelu" else relu_squared(h)
         return self.dropout(self.down(h))
 
 

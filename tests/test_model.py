@@ -10,6 +10,7 @@ from potion.model import (
     attention_with_dropout,
     causal_attention,
     fuse_projections,
+    gelu_by_sigmoid,
     keep_mask,
 )
 
@@ -211,3 +212,8 @@ def test_estimate_loss_groups_small_batches_without_changing_the_mean():
     batches = [(torch.randint(0, 50, (rows, 16)), torch.randint(0, 50, (rows, 16))) for _ in range(5)]
     one_by_one = sum(float(model(x, y)[1]) for x, y in batches) / len(batches)
     assert estimate_loss(model, batches, torch.device("cpu"), torch.float32) == pytest.approx(one_by_one, rel=1e-6)
+
+
+def test_gelu_written_with_a_sigmoid_is_gelu_with_tanh():
+    h = torch.linspace(-12, 12, 10_001, dtype=torch.float64)
+    torch.testing.assert_close(gelu_by_sigmoid(h), torch.nn.functional.gelu(h, approximate="tanh"), rtol=0, atol=1e-12)
