@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +30,8 @@ from chardata import DEFAULT_DATA  # noqa: E402
 from machine import dtype_name, emit, matmul_peak_tflops, read_log, result, run_json  # noqa: E402
 
 from potion.config import resolve  # noqa: E402
-from potion.hardware import pick_device, pick_dtype  # noqa: E402
+from potion.data import prepare  # noqa: E402
+from potion.hardware import compiles_by_default, pick_device, pick_dtype  # noqa: E402
 from potion.model import GPT  # noqa: E402
 from potion.run import read_config  # noqa: E402
 from potion.train import LOG_EVERY, train  # noqa: E402
@@ -67,6 +69,22 @@ def reference_speed(model_config, batch: int, steps: int, threads: int, device: 
         str(model_config.dropout),
     ]
     return run_json(cmd)
+
+
+def compile_as_in_full_run(preset: str, overrides: list[str]) -> str:
+    """compile=on or off as compile = "auto" decides for the preset's whole schedule; the few steps measured here
+    would, on their own, never be worth compiling."""
+    config = resolve(preset, None, [f"data={DEFAULT_DATA}", *overrides])
+    if config.train.compile != "auto":
+        return f"compile={config.train.compile}"
+    device = pick_device(config.train.device)
+    dtype = pick_dtype(config.train.dtype, device)
+    vocab_size = prepare(config.data, quiet=True).tokenizer.vocab_size
+    with torch.device("meta"):
+        flops = GPT(replace(config.model, vocab_size=vocab_size)).training_flops_per_token()
+    run_flops = config.train.max_steps * config.tokens_per_step * flops
+    on = compiles_by_default(device, dtype, run_flops, matmul_peak_tflops(device, dtype), config.train.max_time)
+    return f"compile={'on' if on else 'off'}"
 
 
 def potion_speed(preset: str, overrides: list[str], steps: int) -> dict:
@@ -109,7 +127,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     for preset in args.preset or ["shakespeare-char"]:
-        config, summary, windows = potion_speed(preset, args.set, args.steps)
+        overrides = [*args.set, compile_as_in_full_run(preset, args.set)]
+        config, summary, windows = potion_speed(preset, overrides, args.steps)
         device = pick_device(config.train.device)
         dtype = pick_dtype(config.train.dtype, device)
         threads = torch.get_num_threads()

@@ -24,7 +24,15 @@ from .errors import PotionError
 from .evaluate import bytes_per_token, estimate_loss
 from .explain import check_probe
 from .fileio import atomic_write_text
-from .hardware import autocast, keep_freed_memory, maybe_compile, pick_device, pick_dtype, set_threads
+from .hardware import (
+    autocast,
+    compiles_by_default,
+    keep_freed_memory,
+    maybe_compile,
+    pick_device,
+    pick_dtype,
+    set_threads,
+)
 from .interrupt import StopRequest
 from .model import GPT
 from .optim import StepTally, make_optimizer, set_learning_rate
@@ -262,7 +270,7 @@ def start(
         model=model,
         shared=shared,
         parallel=parallel,
-        compiled=maybe_compile(shared, tc.compile, device),
+        compiled=maybe_compile(shared, wants_compile(config, device, dtype, progress, state.step)),
         optimizers=optimizers,
         tokenizer=tokenizer,
         batches=batches,
@@ -279,6 +287,15 @@ def start(
         last_saved=restored[0] if restored else None,
         quiet=quiet,
     )
+
+
+def wants_compile(config: RunConfig, device: torch.device, dtype: torch.dtype, progress: Progress, step: int) -> bool:
+    """compile = "on" or "off" as set; "auto" as hardware.compiles_by_default finds for the steps still to run."""
+    tc = config.train
+    if tc.compile != "auto":
+        return tc.compile == "on"
+    tokens = (tc.max_steps - step) * config.tokens_per_step * distributed.world().size
+    return compiles_by_default(device, dtype, tokens * progress.flops_per_token, progress.peak_tflops, tc.max_time)
 
 
 def build_model(config: RunConfig, device: torch.device, dtype: torch.dtype, init_weights: dict | None) -> tuple:

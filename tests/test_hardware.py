@@ -18,10 +18,17 @@ def test_bf16_only_where_the_hardware_runs_it_fast(monkeypatch):
     assert hardware.pick_dtype("fp32", cpu) == torch.float32
 
 
-def test_compile_by_default_only_on_cuda():
+def test_compile_by_default_on_cuda_and_for_long_bf16_runs_on_a_cpu():
+    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+    hour = 3600 * 0.4 * 1e12  # the FLOPs of an hour at 40% of a 1 TFLOP/s peak
+    assert hardware.compiles_by_default(torch.device("cuda"), bf16, run_flops=1.0, peak_tflops=1.0)
+    assert hardware.compiles_by_default(cpu, bf16, run_flops=hour, peak_tflops=1.0)
+    assert not hardware.compiles_by_default(cpu, bf16, run_flops=hour / 60, peak_tflops=1.0)  # a minute: not worth it
+    assert not hardware.compiles_by_default(cpu, bf16, run_flops=hour, peak_tflops=1.0, max_time=60)
+    assert not hardware.compiles_by_default(cpu, fp32, run_flops=hour, peak_tflops=1.0)  # it saves little in fp32
+    assert not hardware.compiles_by_default(torch.device("mps"), bf16, run_flops=hour, peak_tflops=1.0)
     model = GPT(ModelConfig(vocab_size=20, context_length=8, n_layer=1, n_head=2, n_embd=8))
-    assert hardware.maybe_compile(model, "auto", torch.device("cpu")) is model
-    assert hardware.maybe_compile(model, "off", torch.device("cuda")) is model
+    assert hardware.maybe_compile(model, False) is model
 
 
 def test_matmul_peak_leaves_the_global_random_state_alone():
