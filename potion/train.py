@@ -262,6 +262,9 @@ def start(
     progress = start_progress(
         config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir, parallel
     )
+    compile_model = wants_compile(config, device, dtype, progress, state.step)
+    if compile_model and not quiet:
+        log("potion: compiling the model at the first step (a minute or so; --set compile=off skips it)")
     return Training(
         config=config,
         run_dir=run_dir,
@@ -270,7 +273,7 @@ def start(
         model=model,
         shared=shared,
         parallel=parallel,
-        compiled=maybe_compile(shared, wants_compile(config, device, dtype, progress, state.step)),
+        compiled=maybe_compile(shared, compile_model),
         optimizers=optimizers,
         tokenizer=tokenizer,
         batches=batches,
