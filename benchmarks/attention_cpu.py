@@ -10,6 +10,7 @@ Usage (from the project root):
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from machine import emit, median_of, result  # noqa: E402
 
-from potion.hardware import set_threads  # noqa: E402
+from potion.hardware import keep_freed_memory, set_threads  # noqa: E402
 from potion.model import attention_with_dropout  # noqa: E402
 
 # (preset, batch, heads, tokens, head size, dropout)
@@ -47,7 +48,21 @@ def ways(p: float) -> dict:
     found = {"sdpa": sdpa, "sdpa_in_fp32": sdpa_in_fp32}
     if p > 0:
         found["step_by_step_with_fast_dropout"] = lambda q, k, v: attention_with_dropout(q, k, v, p)
+        found["step_by_step_masked_fill"] = lambda q, k, v: attention_by_masked_fill(q, k, v, p)
     return found
+
+
+def attention_by_masked_fill(q, k, v, p: float) -> torch.Tensor:
+    """potion's step-by-step attention as it was, with both masks applied by masked_fill: the same random bits and
+    the same numbers, to show what a boolean mask's masked_fill costs on a CPU."""
+    T = q.size(-2)
+    scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
+    later = torch.ones(T, T, dtype=torch.bool).triu_(diagonal=1)
+    weights = scores.masked_fill(later, float("-inf")).softmax(dim=-1)
+    n = weights.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    dropped = words.view(torch.int16)[:n].view(weights.shape) < round(p * 65536) - 32768
+    return (weights.masked_fill(dropped, 0.0) @ v) * (1.0 / (1.0 - p))
 
 
 def main(argv=None) -> None:
@@ -55,6 +70,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
     threads = set_threads()
+    keep_freed_memory()  # as training does: without it, every large block is fresh pages from the system
     for preset, *shape, p in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             figures = {name: median_ms(fn, tuple(shape), dtype, args.reps) for name, fn in ways(p).items()}
