@@ -176,7 +176,7 @@ def keep_freed_memory() -> bool:
 
 
 # On a CPU, compiling costs about half a minute from an empty cache (shakespeare-char: a 20-step run took 130 s
-# compiled against 96 s eager), then saves 15% of each bf16 step there (50% for tiny's); in fp32 it saved 3.5%. So by
+# compiled against 96 s eager), then saves 17% of each bf16 step there (50% for tiny's); in fp32 it saved 3.5%. So by
 # default a CPU compiles bf16 runs that would take at least this long eagerly.
 COMPILE_PAYS_AFTER_S = 600
 
