@@ -31,10 +31,10 @@ from machine import dtype_name, emit, matmul_peak_tflops, read_log, result, run_
 
 from potion.config import resolve  # noqa: E402
 from potion.data import prepare  # noqa: E402
-from potion.hardware import compiles_by_default, pick_device, pick_dtype  # noqa: E402
+from potion.hardware import pick_device, pick_dtype  # noqa: E402
 from potion.model import GPT  # noqa: E402
 from potion.run import read_config  # noqa: E402
-from potion.train import LOG_EVERY, train  # noqa: E402
+from potion.train import LOG_EVERY, train, wants_compile  # noqa: E402
 
 
 def reference_speed(model_config, batch: int, steps: int, threads: int, device: torch.device) -> dict:
@@ -72,18 +72,15 @@ def reference_speed(model_config, batch: int, steps: int, threads: int, device: 
 
 
 def compile_as_in_full_run(preset: str, overrides: list[str]) -> str:
-    """compile=on or off as compile = "auto" decides for the preset's whole schedule; the few steps measured here
-    would, on their own, never be worth compiling."""
+    """compile=on or off as potion decides for the preset's whole schedule (compile = "auto" included); the few
+    steps measured here would, on their own, never be worth compiling."""
     config = resolve(preset, None, [f"data={DEFAULT_DATA}", *overrides])
-    if config.train.compile != "auto":
-        return f"compile={config.train.compile}"
     device = pick_device(config.train.device)
     dtype = pick_dtype(config.train.dtype, device)
     vocab_size = prepare(config.data, quiet=True).tokenizer.vocab_size
     with torch.device("meta"):
         flops = GPT(replace(config.model, vocab_size=vocab_size)).training_flops_per_token()
-    run_flops = config.train.max_steps * config.tokens_per_step * flops
-    on = compiles_by_default(device, dtype, run_flops, matmul_peak_tflops(device, dtype), config.train.max_time)
+    on = wants_compile(config, device, dtype, flops, matmul_peak_tflops(device, dtype), step=0)
     return f"compile={'on' if on else 'off'}"
 
 

@@ -262,7 +262,7 @@ def start(
     progress = start_progress(
         config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir, parallel
     )
-    compile_model = wants_compile(config, device, dtype, progress, state.step)
+    compile_model = wants_compile(config, device, dtype, progress.flops_per_token, progress.peak_tflops, state.step)
     if compile_model and not quiet:
         log("potion: compiling the model at the first step (a minute or so; --set compile=off skips it)")
     return Training(
@@ -292,13 +292,15 @@ def start(
     )
 
 
-def wants_compile(config: RunConfig, device: torch.device, dtype: torch.dtype, progress: Progress, step: int) -> bool:
+def wants_compile(
+    config: RunConfig, device: torch.device, dtype: torch.dtype, flops_per_token: int, peak_tflops: float, step: int
+) -> bool:
     """compile = "on" or "off" as set; "auto" as hardware.compiles_by_default finds for the steps still to run."""
     tc = config.train
     if tc.compile != "auto":
         return tc.compile == "on"
     tokens = (tc.max_steps - step) * config.tokens_per_step * distributed.world().size
-    return compiles_by_default(device, dtype, tokens * progress.flops_per_token, progress.peak_tflops, tc.max_time)
+    return compiles_by_default(device, dtype, tokens * flops_per_token, peak_tflops, tc.max_time)
 
 
 def build_model(config: RunConfig, device: torch.device, dtype: torch.dtype, init_weights: dict | None) -> tuple:
