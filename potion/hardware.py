@@ -195,12 +195,17 @@ def compiles_by_default(
     return (min(seconds, max_time) if max_time > 0 else seconds) >= COMPILE_PAYS_AFTER_S
 
 
-def maybe_compile(model: torch.nn.Module, wanted: bool) -> torch.nn.Module:
+def maybe_compile(model: torch.nn.Module, wanted: bool, cuda_graphs: bool = False) -> torch.nn.Module:
     """torch.compile(model) if wanted. If compiling fails (no C++ compiler, an unsupported platform) the model runs
-    eagerly with a warning instead of stopping the run."""
+    eagerly with a warning instead of stopping the run.
+
+    cuda_graphs: replay each compiled graph's kernels as one CUDA graph ("reduce-overhead"). A small model's step
+    is otherwise bound by the host launching its kernels one by one: shakespeare-char on an H200 ran 6.8 ms of
+    kernels in an 11.6 ms step (measured).
+    """
     if not wanted:
         return model
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
-    return torch.compile(model)
+    return torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)

@@ -273,7 +273,7 @@ def start(
         model=model,
         shared=shared,
         parallel=parallel,
-        compiled=maybe_compile(shared, compile_model),
+        compiled=maybe_compile(shared, compile_model, cuda_graphs=uses_cuda_graphs(device, parallel)),
         optimizers=optimizers,
         tokenizer=tokenizer,
         batches=batches,
@@ -301,6 +301,12 @@ def wants_compile(
         return tc.compile == "on"
     tokens = (tc.max_steps - step) * config.tokens_per_step * distributed.world().size
     return compiles_by_default(device, dtype, tokens * flops_per_token, peak_tflops, tc.max_time)
+
+
+def uses_cuda_graphs(device: torch.device, parallel: str) -> bool:
+    """Compiled steps replay as CUDA graphs on one GPU; with several processes the gradient hooks of DDP and FSDP2
+    run between the kernels, outside any graph."""
+    return device.type == "cuda" and not parallel
 
 
 def build_model(config: RunConfig, device: torch.device, dtype: torch.dtype, init_weights: dict | None) -> tuple:
@@ -478,6 +484,8 @@ def train_one_step(t: Training) -> None:
     for i in range(tc.grad_accum):
         x, y = next_batch(t)
         with gradient_sync(t.shared, i == tc.grad_accum - 1):  # several processes average on the last only
+            if t.device.type == "cuda":  # a new forward: CUDA graphs may reuse the last one's outputs' memory
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(t.device, t.dtype):
                 _, micro_loss = t.compiled(x, y)
             (micro_loss / tc.grad_accum).backward()

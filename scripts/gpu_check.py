@@ -30,6 +30,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from chardata import DEFAULT_DATA  # noqa: E402
 
+# The fastest GPU recipe measured for Tiny Shakespeare: shakespeare-char with Muon, twice the batch and a
+# 1,000-step schedule, not compiled. On an H200 it reached 1.47 at step 600 against 1,600 for the preset as it is;
+# compiling saved 6 ms of each step but took 10 s with the compiled kernels on disk and 25 s without.
+TIME_TO_LOSS_ON_GPU = ["benchmarks/time_to_loss.py", "--preset", "shakespeare-char", "--target", "1.47"]
+TIME_TO_LOSS_ON_GPU += ["--no-reference", "--eval-every", "100", "--set", "max_time=90", "--set", "optimizer=muon"]
+TIME_TO_LOSS_ON_GPU += ["--set", "batch_size=128", "--set", "learning_rate=2e-3", "--set", "max_steps=1000"]
+TIME_TO_LOSS_ON_GPU += ["--set", "compile=off"]
+
 # (name, command, seconds allowed). Together they stay well under 10 minutes on an H200.
 GPU_CHECKS = [
     ("machine", ["benchmarks/machine.py"], 60),
@@ -40,12 +48,7 @@ GPU_CHECKS = [
         ["benchmarks/train_speed.py", "--preset", "gpt2", "--steps", "40", "--set", "grad_accum=1"],
         180,
     ),
-    (
-        "time_to_loss",
-        ["benchmarks/time_to_loss.py", "--preset", "shakespeare-char", "--target", "1.47", "--no-reference"]
-        + ["--eval-every", "100", "--set", "max_time=90"],
-        120,
-    ),
+    *[("time_to_loss", TIME_TO_LOSS_ON_GPU, 90)] * 3,  # three fresh processes: their median is the figure
     ("generate_speed", ["benchmarks/generate_speed.py", "--device", "cuda", "--compile"], 90),
 ]
 
