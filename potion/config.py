@@ -123,7 +123,7 @@ class TrainConfig:
     init_from: str = ""  # start from this model's weights and tokenizer: a run, a Hugging Face folder or name
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | bf16 | fp32
-    compile: str = "auto"  # auto | on | off (auto: on CUDA; on a CPU for long bf16 runs, hardware.compiles_by_default)
+    compile: str = "auto"  # auto | on | off (auto: for runs long enough to repay it, hardware.compiles_by_default)
     parallel: str = "auto"  # with several processes (torchrun): auto | ddp | fsdp (auto: ddp when the model fits)
 
     def __post_init__(self):

@@ -175,24 +175,27 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-# On a CPU, compiling costs about half a minute from an empty cache (shakespeare-char: a 20-step run took 130 s
-# compiled against 96 s eager), then saves 17% of each bf16 step there (50% for tiny's); in fp32 it saved 3.5%. So by
-# default a CPU compiles bf16 runs that would take at least this long eagerly.
-COMPILE_PAYS_AFTER_S = 600
+# When compiling pays, as (the share of the matmul peak an eager run reaches, the seconds of eager training from
+# which compiling is the faster way), per device. Measured:
+# - a 2-core CPU with bf16 hardware: compiling costs about half a minute from an empty cache (shakespeare-char: a
+#   20-step run took 130 s compiled against 96 s eager), then saves 17% of each bf16 step there (50% for tiny's); in
+#   fp32 it saved 3.5%, so a CPU compiles bf16 runs only. Eager shakespeare-char reached 40% of the peak in bf16.
+# - an H200: compiling shakespeare-char took 25 s from an empty cache and 10 s with the compiled kernels on disk,
+#   then saved 6 ms of each 20 ms step at batch 128 (CUDA graphs included). Eager, that step reached 12% of the peak.
+COMPILE_PAYS = {"cpu": (0.4, 600.0), "cuda": (0.12, 30.0)}
 
 
 def compiles_by_default(
     device: torch.device, dtype: torch.dtype, run_flops: float, peak_tflops: float, max_time: float = 0.0
 ) -> bool:
-    """Whether compile = "auto" compiles: always on CUDA; on a CPU, a bf16 run whose eager time, estimated at 40% of
-    the measured matmul peak (shakespeare-char's share in bf16 here) and capped by max_time, is COMPILE_PAYS_AFTER_S
-    or more."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu" or dtype != torch.bfloat16:
+    """Whether compile = "auto" compiles: when the run's eager time, estimated from its FLOPs at an eager run's
+    share of the measured matmul peak and capped by max_time, is long enough for compiling to pay (COMPILE_PAYS).
+    On a CPU, only bf16 runs; never on other devices."""
+    if device.type not in COMPILE_PAYS or (device.type == "cpu" and dtype != torch.bfloat16):
         return False
-    seconds = run_flops / (0.4 * peak_tflops * 1e12)
-    return (min(seconds, max_time) if max_time > 0 else seconds) >= COMPILE_PAYS_AFTER_S
+    eager_share, pays_after = COMPILE_PAYS[device.type]
+    seconds = run_flops / (eager_share * peak_tflops * 1e12)
+    return (min(seconds, max_time) if max_time > 0 else seconds) >= pays_after
 
 
 def maybe_compile(model: torch.nn.Module, wanted: bool, cuda_graphs: bool = False) -> torch.nn.Module:

@@ -18,10 +18,13 @@ def test_bf16_only_where_the_hardware_runs_it_fast(monkeypatch):
     assert hardware.pick_dtype("fp32", cpu) == torch.float32
 
 
-def test_compile_by_default_on_cuda_and_for_long_bf16_runs_on_a_cpu():
-    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+def test_compile_by_default_for_runs_long_enough_to_repay_it():
+    cpu, cuda, bf16, fp32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
+    minute_on_gpu = 60 * 0.12 * 800e12  # the FLOPs of a minute at 12% of an 800 TFLOP/s peak
+    assert hardware.compiles_by_default(cuda, bf16, run_flops=minute_on_gpu, peak_tflops=800)
+    assert not hardware.compiles_by_default(cuda, bf16, run_flops=minute_on_gpu / 3, peak_tflops=800)  # 20 s
+    assert not hardware.compiles_by_default(cuda, bf16, run_flops=minute_on_gpu, peak_tflops=800, max_time=20)
     hour = 3600 * 0.4 * 1e12  # the FLOPs of an hour at 40% of a 1 TFLOP/s peak
-    assert hardware.compiles_by_default(torch.device("cuda"), bf16, run_flops=1.0, peak_tflops=1.0)
     assert hardware.compiles_by_default(cpu, bf16, run_flops=hour, peak_tflops=1.0)
     assert not hardware.compiles_by_default(cpu, bf16, run_flops=hour / 60, peak_tflops=1.0)  # a minute: not worth it
     assert not hardware.compiles_by_default(cpu, bf16, run_flops=hour, peak_tflops=1.0, max_time=60)
