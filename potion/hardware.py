@@ -180,8 +180,9 @@ def keep_freed_memory() -> bool:
 # - a 2-core CPU with bf16 hardware: compiling costs about half a minute from an empty cache (shakespeare-char: a
 #   20-step run took 130 s compiled against 96 s eager), then saves 17% of each bf16 step there (50% for tiny's); in
 #   fp32 it saved 3.5%, so a CPU compiles bf16 runs only. Eager shakespeare-char reached 40% of the peak in bf16.
-# - an H200: compiling shakespeare-char took 25 s from an empty cache and 10 s with the compiled kernels on disk,
-#   then saved 6 ms of each 20 ms step at batch 128 (CUDA graphs included). Eager, that step reached 12% of the peak.
+# - an H200, shakespeare-char at batch 128: compiling cost about 30 s with an empty cache and 5.5 s with the
+#   compiled kernels on disk, then a step took 17 ms against 25-28 eagerly (CUDA graphs and evaluations included),
+#   so it pays after about 75 s of eager training, or 15 s. Eager, that step reached 12% of the peak.
 COMPILE_PAYS = {"cpu": (0.4, 600.0), "cuda": (0.12, 30.0)}
 
 
