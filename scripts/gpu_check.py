@@ -32,7 +32,7 @@ from chardata import DEFAULT_DATA  # noqa: E402
 
 # The fastest GPU recipe measured for Tiny Shakespeare: shakespeare-char with Muon, twice the batch and a
 # 1,000-step schedule, not compiled. On an H200 it reached 1.47 at step 600 against 1,600 for the preset as it is;
-# compiling saved 6 ms of each step but took 10 s with the compiled kernels on disk and 25 s without.
+# so short a run does not repay compiling (hardware.COMPILE_PAYS).
 TIME_TO_LOSS_ON_GPU = ["benchmarks/time_to_loss.py", "--preset", "shakespeare-char", "--target", "1.47"]
 TIME_TO_LOSS_ON_GPU += ["--no-reference", "--eval-every", "100", "--set", "max_time=90", "--set", "optimizer=muon"]
 TIME_TO_LOSS_ON_GPU += ["--set", "batch_size=128", "--set", "learning_rate=2e-3", "--set", "max_steps=1000"]
