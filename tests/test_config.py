@@ -23,6 +23,9 @@ def test_presets_load():
     assert {"tiny", "shakespeare-char", "gpt2"} <= set(names)
     sc = load_preset("shakespeare-char").model
     assert (sc.n_layer, sc.n_head, sc.n_embd, sc.context_length, sc.dropout) == (6, 6, 384, 256, 0.2)
+    # the GPU recipe trains the same model, so its figures compare with shakespeare-char's
+    assert load_preset("shakespeare-gpu").model == sc
+    assert resolve("shakespeare-gpu", None, []).train.optimizer == "muon"
 
 
 def test_overrides_bare_and_dotted():
