@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import emit, median_of, result  # noqa: E402
 
 from potion.hardware import keep_freed_memory, set_threads  # noqa: E402
-from potion.model import attention_with_dropout  # noqa: E402
+from potion.model import attention_with_dropout, drop_threshold, random_int16  # noqa: E402
 
 # (preset, batch, heads, tokens, head size, dropout)
 SHAPES = [
@@ -59,9 +59,7 @@ def attention_by_masked_fill(q, k, v, p: float) -> torch.Tensor:
     scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
     later = torch.ones(T, T, dtype=torch.bool).triu_(diagonal=1)
     weights = scores.masked_fill(later, float("-inf")).softmax(dim=-1)
-    n = weights.numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-    dropped = words.view(torch.int16)[:n].view(weights.shape) < round(p * 65536) - 32768
+    dropped = random_int16(weights.shape, weights.device) < drop_threshold(p)
     return (weights.masked_fill(dropped, 0.0) @ v) * (1.0 / (1.0 - p))
 
 

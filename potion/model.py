@@ -236,11 +236,21 @@ def causal_bias(t: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def keep_mask(shape: torch.Size, p: float, device) -> torch.Tensor:
-    """uint8 ones and zeros, zero with probability p (to 1 part in 65,536), to multiply by. From torch's generator:
-    one 64-bit draw gives four 16-bit numbers, a quarter of the draws of a Bernoulli per element."""
+    """uint8 ones and zeros, zero with probability p (to 1 part in 65,536), to multiply by."""
+    return (random_int16(shape, device) >= drop_threshold(p)).view(torch.uint8)
+
+
+def random_int16(shape: torch.Size, device) -> torch.Tensor:
+    """Numbers spread evenly over the 65,536 int16 values, from torch's generator: one 64-bit draw gives four, a
+    quarter of the draws of a Bernoulli per element."""
     n = math.prod(shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    return (words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768).view(torch.uint8)
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def drop_threshold(p: float) -> int:
+    """The int16 value below which a random_int16 number is dropped: that happens with probability p."""
+    return round(p * 65536) - 32768
 
 
 class Dropout(nn.Module):
