@@ -29,8 +29,37 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # the gain in x's dtype: a bf16 input with an fp32 gain falls off the fused kernel
+    def forward(self, x):
+        if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        # the gain in x's dtype: a bf16 input with an fp32 gain falls off the fused kernel
         return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """x / rms(x) * gain over the last dimension, computed in fp32 and returned in x's dtype, with a hand-written
+    backward pass. On a CPU, autograd's own backward of rms_norm is a chain of a dozen small operations and sums the
+    gain's gradient in bf16; this one takes fewer passes and sums in fp32 (benchmarks/norm_cpu.py)."""
+
+    @staticmethod
+    def forward(ctx, x, gain, eps):
+        # x times an fp32 tensor is an fp32 tensor: each product below reads x once, with no separate copy
+        precision = torch.promote_types(x.dtype, torch.float32)
+        squares = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=precision).square_()
+        rstd = squares.div_(x.size(-1)).add_(eps).rsqrt_()  # (..., 1): 1 / rms(x)
+        ctx.save_for_backward(x, gain, rstd)
+        return torch.mul(x * rstd, gain, out=torch.empty_like(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gain, rstd = ctx.saved_tensors
+        normed = x * rstd  # x / rms(x), fp32
+        grad_gain = (grad * normed).sum(tuple(range(x.dim() - 1)))
+        grad_normed = grad * gain
+        # d(normed)/dx projects out the component along normed, then scales by 1 / rms
+        along = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = torch.mul(grad_normed.sub_(normed.mul_(along)), rstd, out=torch.empty_like(x))
+        return grad_x, grad_gain, None
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -47,12 +76,12 @@ def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1, x2) of each head vector by a position-dependent angle. x: (B, H, T, D).
+    """Rotate pairs (x1, x2) of each head vector by a position-dependent angle. x: (B, T, H, D).
 
     In x's own precision: a bf16 rotation rounds no more than the bf16 query it rotates, and the round trip through
     fp32 cost a tenth of tiny's attention in bf16 (measured)."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[None, None].to(x.dtype), sin[None, None].to(x.dtype)  # (1, 1, T, D/2)
+    cos, sin = cos[None, :, None].to(x.dtype), sin[None, :, None].to(x.dtype)  # (1, T, 1, D/2)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
@@ -150,9 +179,9 @@ class Attention(nn.Module):
             return self.query(x), self.key(x), self.value(x)
         return F.linear(x, *self.side_by_side()).chunk(3, dim=-1)
 
-    def split_heads(self, x):  # (B, T, C) -> (B, H, T, D)
+    def split_heads(self, x):  # (B, T, C) -> (B, T, H, D); the norms and rotations run on this contiguous layout
         B, T, _ = x.shape
-        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        return x.view(B, T, self.n_head, self.head_dim)
 
     def forward(
         self,
@@ -167,12 +196,13 @@ class Attention(nn.Module):
         q, k, v = self.projections(x)
         if value_embedding is not None:
             v = v + value_embedding
-        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # each (B, T, H, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:  # write this step's keys/values, then attend over everything so far
             cache.key[:B, :, start : start + T] = k
             cache.value[:B, :, start : start + T] = v

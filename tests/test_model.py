@@ -7,6 +7,7 @@ from potion import GPT, ModelConfig
 from potion.model import (
     Dropout,
     ReluSquared,
+    RMSNormFunction,
     attention_with_dropout,
     causal_attention,
     fuse_projections,
@@ -106,6 +107,30 @@ def test_relu_squared_gradient():
     h = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ReluSquared.apply, (h,))
     torch.testing.assert_close(ReluSquared.apply(h), torch.relu(h) ** 2)
+
+
+def test_rms_norm_function_is_rms_norm_and_its_gradient():
+    x = torch.randn(4, 6, 8, dtype=torch.float64).transpose(0, 1).requires_grad_()  # not contiguous, as a q view
+    gain = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(RMSNormFunction.apply, (x, gain, 1e-6))
+    torch.testing.assert_close(RMSNormFunction.apply(x, gain, 1e-6), torch.nn.functional.rms_norm(x, (8,), gain, 1e-6))
+
+
+def test_rms_norm_function_in_bf16_sums_the_gain_gradient_in_fp32():
+    torch.manual_seed(0)
+    x, grad = torch.randn(64, 32, 128).bfloat16(), torch.randn(64, 32, 128).bfloat16()
+    gain = torch.rand(128) + 0.5
+    exact = [x.float().requires_grad_(), gain.clone().requires_grad_()]  # the same inputs, all in fp32
+    torch.autograd.backward(torch.nn.functional.rms_norm(exact[0], (128,), exact[1], 1e-6), grad.float())
+    low = [x.clone().requires_grad_(), gain.clone().requires_grad_()]
+    out = RMSNormFunction.apply(*low, 1e-6)
+    out.backward(grad)
+    assert out.dtype == low[0].grad.dtype == torch.bfloat16 and low[1].grad.dtype == torch.float32
+    expected = torch.nn.functional.rms_norm(x.float(), (128,), gain, 1e-6)
+    torch.testing.assert_close(out.float(), expected, atol=0.02, rtol=0.01)
+    torch.testing.assert_close(low[0].grad.float(), exact[0].grad, atol=0.02, rtol=0.01)
+    # a sum over 2,048 rows in fp32: a bf16 gain (rms_norm's own gradient under autocast) is ~0.3 off here
+    torch.testing.assert_close(low[1].grad, exact[1].grad, atol=1e-3, rtol=1e-4)
 
 
 def test_chunked_prefill_with_cache_matches():
