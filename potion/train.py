@@ -122,6 +122,7 @@ class Training:
     shared: torch.nn.Module  # the model as the processes share it: DDP around it, or sharded by FSDP2, or itself
     parallel: str  # ddp | fsdp | "" (one process)
     compiled: torch.nn.Module  # the model as the steps call it (torch.compile'd or `shared` itself)
+    cuda_graphs: bool  # compiled steps replay as CUDA graphs
     optimizers: list
     tokenizer: Tokenizer
     batches: Batches
@@ -263,6 +264,7 @@ def start(
         config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir, parallel
     )
     compile_model = wants_compile(config, device, dtype, progress.flops_per_token, progress.peak_tflops, state.step)
+    cuda_graphs = compile_model and uses_cuda_graphs(device, parallel)
     if compile_model and not quiet:
         log("potion: compiling the model at the first step (a minute or so; --set compile=off skips it)")
     return Training(
@@ -273,7 +275,8 @@ def start(
         model=model,
         shared=shared,
         parallel=parallel,
-        compiled=maybe_compile(shared, compile_model, cuda_graphs=uses_cuda_graphs(device, parallel)),
+        compiled=maybe_compile(shared, compile_model, cuda_graphs=cuda_graphs),
+        cuda_graphs=cuda_graphs,
         optimizers=optimizers,
         tokenizer=tokenizer,
         batches=batches,
@@ -484,7 +487,9 @@ def train_one_step(t: Training) -> None:
     for i in range(tc.grad_accum):
         x, y = next_batch(t)
         with gradient_sync(t.shared, i == tc.grad_accum - 1):  # several processes average on the last only
-            if t.device.type == "cuda":  # a new forward: CUDA graphs may reuse the last one's outputs' memory
+            # a new forward: CUDA graphs may reuse the last one's outputs' memory. Only then: the call imports
+            # torch's compiler, about a second of an eager run's start
+            if t.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast(t.device, t.dtype):
                 _, micro_loss = t.compiled(x, y)
