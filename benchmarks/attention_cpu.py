@@ -2,9 +2,10 @@
 
 potion.model.causal_attention picks among these on a CPU; this is the measurement behind its choice. Each figure is
 the median milliseconds of one layer's attention, forward and backward, over --reps calls after two untimed ones.
+With --compile each way runs through torch.compile, as it does inside a compiled model.
 
 Usage (from the project root):
-    python benchmarks/attention_cpu.py
+    python benchmarks/attention_cpu.py [--compile]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def ways(p: float) -> dict:
     found = {"sdpa": sdpa, "sdpa_in_fp32": sdpa_in_fp32}
     if p > 0:
         found["step_by_step_with_fast_dropout"] = lambda q, k, v: attention_with_dropout(q, k, v, p)
+        found["step_by_step_in_one_block"] = lambda q, k, v: attention_with_dropout(q, k, v, p, rows=q.size(-2))
         found["step_by_step_masked_fill"] = lambda q, k, v: attention_by_masked_fill(q, k, v, p)
     return found
 
@@ -66,18 +68,23 @@ def attention_by_masked_fill(q, k, v, p: float) -> torch.Tensor:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="time each way compiled (after its compiling calls)")
     args = ap.parse_args(argv)
     threads = set_threads()
     keep_freed_memory()  # as training does: without it, every large block is fresh pages from the system
     for preset, *shape, p in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
-            figures = {name: median_ms(fn, tuple(shape), dtype, args.reps) for name, fn in ways(p).items()}
+            found = ways(p)
+            if args.compile:
+                found = {name: torch.compile(fn) for name, fn in found.items()}
+            figures = {name: median_ms(fn, tuple(shape), dtype, args.reps) for name, fn in found.items()}
             emit(
                 {
                     **result("attention_cpu", "cpu", dtype, threads),
                     "preset": preset,
                     "shape_bhtd": shape,
                     "dropout": p,
+                    "compiled": args.compile,
                     "ms_forward_backward": figures,
                 }
             )

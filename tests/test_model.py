@@ -185,20 +185,21 @@ def test_dropout_drops_each_number_with_probability_p():
     assert not torch.equal(kept, keep_mask((400, 500), 0.2, "cpu"))  # fresh draws each time
 
 
-def test_attention_with_dropout_is_causal_and_unbiased():
+@pytest.mark.parametrize("rows", [128, 5])  # the 12 queries in one block, or in blocks of 5, 5 and 2
+def test_attention_with_dropout_is_causal_and_unbiased(rows):
     torch.manual_seed(4)
     q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
     exact = causal_attention(q, k, v, 0.0)
-    draws = torch.stack([attention_with_dropout(q, k, v, 0.3) for _ in range(4000)])
+    draws = torch.stack([attention_with_dropout(q, k, v, 0.3, rows) for _ in range(4000)])
     standard_error = draws.std(0) / 4000**0.5
     assert ((draws.mean(0) - exact).abs() < 5 * standard_error + 1e-6).all()  # on average, attention without dropout
     assert draws.std(0).mean() > 0.1  # and each draw really drops weights
     later = k.clone()
     later[:, :, 6:] += 1.0
     torch.manual_seed(5)
-    a = attention_with_dropout(q, k, v, 0.3)
+    a = attention_with_dropout(q, k, v, 0.3, rows)
     torch.manual_seed(5)
-    b = attention_with_dropout(q, later, v, 0.3)
+    b = attention_with_dropout(q, later, v, 0.3, rows)
     torch.testing.assert_close(a[:, :, :6], b[:, :, :6])  # no token sees a later one
     assert not torch.allclose(a[:, :, 6:], b[:, :, 6:])
 
