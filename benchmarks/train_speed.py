@@ -113,7 +113,7 @@ def precision_peaks(device: torch.device) -> dict[str, float]:
     of them is the limit potion's throughput is held to, whichever precision it picked.
 
     Measured again after the run and the higher figure kept, since other work only ever slows a matmul down: the
-    figure cached at the run's start once read 0.51 TFLOP/s against 1.21-1.35 in every other run on the same CPU, and
+    figure cached at the run's start once read 0.51 TFLOP/s against 1.21-1.40 in every other run on the same CPU, and
     made that run 94% of its peak."""
     dtypes = (torch.float32, torch.bfloat16)
     at_start = {dtype: matmul_peak_tflops(device, dtype) for dtype in dtypes}
