@@ -29,7 +29,7 @@ from machine import emit, result  # noqa: E402
 
 from potion.config import resolve  # noqa: E402
 from potion.hardware import pick_dtype  # noqa: E402
-from potion.train import train  # noqa: E402
+from potion.train.loop import train  # noqa: E402
 
 BASELINE = [
     "positions=learned",

@@ -34,8 +34,8 @@ sys.path.insert(0, str(HERE.parent))
 from machine import dtype_name, emit, result  # noqa: E402
 
 import potion  # noqa: E402
-from potion.generate import decoding_dtype, drafts_per_check, generate_tokens  # noqa: E402
 from potion.hardware import set_threads  # noqa: E402
+from potion.infer.generate import decoding_dtype, drafts_per_check, generate_tokens  # noqa: E402
 
 SHAKESPEARE = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 GPT2_VOCAB = 50257

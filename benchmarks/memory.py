@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import emit, result  # noqa: E402
 
 from potion.config import resolve  # noqa: E402
-from potion.data import prepare  # noqa: E402
+from potion.data.tokens import prepare  # noqa: E402
 from potion.hardware import pick_device, pick_dtype  # noqa: E402
-from potion.train import train  # noqa: E402
+from potion.train.loop import train  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 

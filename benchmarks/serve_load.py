@@ -34,13 +34,13 @@ sys.path.insert(0, str(HERE.parent))
 
 from machine import dtype_name, emit, result  # noqa: E402
 
-from potion.checkpoint import model_state, save_tensors  # noqa: E402
 from potion.config import RunConfig, load_preset  # noqa: E402
-from potion.generate import decoding_dtype  # noqa: E402
-from potion.model import GPT  # noqa: E402
-from potion.run import write_config  # noqa: E402
+from potion.data.tokenizer import CharTokenizer, save_tokenizer  # noqa: E402
+from potion.formats.run import write_config  # noqa: E402
+from potion.infer.generate import decoding_dtype  # noqa: E402
+from potion.model.gpt import GPT  # noqa: E402
 from potion.serve.server import serving_threads  # noqa: E402
-from potion.tokenizer import CharTokenizer, save_tokenizer  # noqa: E402
+from potion.train.checkpoint import model_state, save_tensors  # noqa: E402
 
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "JULIET:\nO Romeo, Romeo", "KING HENRY:\n", "To be"]
 READY = re.compile(r"at (http://127\.0\.0\.1:(\d+))/")

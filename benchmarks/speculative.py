@@ -27,8 +27,8 @@ sys.path.insert(0, str(HERE.parent))
 from machine import emit, result  # noqa: E402
 
 import potion  # noqa: E402
-from potion import generate  # noqa: E402
 from potion.hardware import set_threads  # noqa: E402
+from potion.infer import generate  # noqa: E402
 
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
 

@@ -34,7 +34,7 @@ from machine import emit, read_log, result, run_json  # noqa: E402
 
 from potion.config import resolve  # noqa: E402
 from potion.hardware import pick_device, pick_dtype  # noqa: E402
-from potion.train import train  # noqa: E402
+from potion.train.loop import train  # noqa: E402
 
 
 def reference_time_to_loss(target: float, threads: int) -> dict:

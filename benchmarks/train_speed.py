@@ -30,11 +30,11 @@ from chardata import DEFAULT_DATA  # noqa: E402
 from machine import dtype_name, emit, matmul_peak_tflops, read_log, result, run_json  # noqa: E402
 
 from potion.config import resolve  # noqa: E402
-from potion.data import prepare  # noqa: E402
+from potion.data.tokens import prepare  # noqa: E402
+from potion.formats.run import read_config  # noqa: E402
 from potion.hardware import pick_device, pick_dtype  # noqa: E402
-from potion.model import GPT  # noqa: E402
-from potion.run import read_config  # noqa: E402
-from potion.train import LOG_EVERY, train, wants_compile  # noqa: E402
+from potion.model.gpt import GPT  # noqa: E402
+from potion.train.loop import LOG_EVERY, train, wants_compile  # noqa: E402
 
 
 def reference_speed(model_config, batch: int, steps: int, threads: int, device: torch.device) -> dict:

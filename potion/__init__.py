@@ -1,11 +1,11 @@
 """potion: train a small GPT on your own text, sample from it, and look inside."""
 
-from .config import DataConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig
-from .errors import PotionError
-from .explain import Explanation, explain
-from .generate import generate_text
-from .model import GPT
-from .run import LoadedRun, load
+from potion.config import DataConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig
+from potion.errors import PotionError
+from potion.explain import Explanation, explain
+from potion.formats.run import LoadedRun, load
+from potion.infer.generate import generate_text
+from potion.model.gpt import GPT
 
 __all__ = [
     "GPT",

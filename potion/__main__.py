@@ -1,3 +1,3 @@
-from .cli import main
+from potion.cli import main
 
 raise SystemExit(main())

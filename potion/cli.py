@@ -15,7 +15,7 @@ import re
 import sys
 import warnings
 
-from .errors import PotionError
+from potion.errors import PotionError
 
 # Flags of `potion train` that are config fields, typed by argparse and passed on as typed values.
 TRAIN_FIELD_FLAGS = {
@@ -38,9 +38,9 @@ def print_json(body: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from .distributed import session
-    from .interrupt import exit_code
-    from .train import train
+    from potion.parallel.world import session
+    from potion.train.interrupt import exit_code
+    from potion.train.loop import train
 
     with session() as world:  # one process of several when torchrun started it; rank 0 prints
         config, out = training_config(args)
@@ -59,8 +59,8 @@ def cmd_train(args) -> int:
 
 def training_config(args):
     """The config `potion train` trains with, and where (a SavedRun already read, when resuming)."""
-    from .config import load_preset, resolve, with_architecture
-    from .run import find_run, source_config
+    from potion.config import load_preset, resolve, with_architecture
+    from potion.formats.run import find_run, source_config
 
     values = {key: getattr(args, flag) for flag, key in TRAIN_FIELD_FLAGS.items() if getattr(args, flag) is not None}
     if args.resume:  # start from the run's own config; flags may change only when and how long it trains
@@ -73,10 +73,10 @@ def training_config(args):
 
 
 def cmd_generate(args) -> int:
-    from .config import SamplingConfig
-    from .generate import generate_text
-    from .run import load
-    from .tokenizer import checked_text
+    from potion.config import SamplingConfig
+    from potion.data.tokenizer import checked_text
+    from potion.formats.run import load
+    from potion.infer.generate import generate_text
 
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -119,9 +119,9 @@ def stream_to_stdout(prompt: str, num_samples: int):
 
 
 def cmd_eval(args) -> int:
-    from .data import prepare
-    from .evaluate import evaluate
-    from .run import load
+    from potion.data.tokens import prepare
+    from potion.formats.run import load
+    from potion.train.evaluate import evaluate
 
     run = load(args.model)
     if not (args.data or run.config.data.data):
@@ -141,8 +141,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .explain import explain, load_probes, render_text, save_html, save_json, save_png, use_color
-    from .run import load
+    from potion.explain import explain, load_probes, render_text, save_html, save_json, save_png, use_color
+    from potion.formats.run import load
 
     run = load(args.model)
     e = explain(
@@ -175,7 +175,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .hf.convert import import_model
+    from potion.formats.hf.convert import import_model
 
     out = import_model(args.source, args.out)
     print(f"wrote {out}; try: potion generate --model {out}")
@@ -183,7 +183,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .hf.convert import export_model
+    from potion.formats.hf.convert import export_model
 
     out, architecture = export_model(args.model, args.out)
     print(f"wrote {out} ({architecture}); load it with transformers' AutoModelForCausalLM.from_pretrained('{out}')")
@@ -191,13 +191,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve
+    from potion.serve import serve
 
     return serve(args.model, args.host, args.port, args.api_key or os.environ.get("POTION_API_KEY") or None)
 
 
 def cmd_presets(args) -> int:
-    from .config import load_preset, preset_names
+    from potion.config import load_preset, preset_names
 
     for name in preset_names():
         m = load_preset(name).model

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .errors import PotionError
+from potion.errors import PotionError
 
 
 def pick_device(name: str = "auto") -> torch.device:

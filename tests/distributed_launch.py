@@ -47,7 +47,7 @@ def record_writes(folder: str) -> None:
 def fail_on_rank(rank: str, at_step: int) -> None:
     if os.environ.get("RANK") != rank:
         return
-    train = importlib.import_module("potion.train")
+    train = importlib.import_module("potion.train.loop")
     one_step = train.train_one_step
 
     def failing_step(t):

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from test_explain import tiny
 
-from potion.checkpoint import model_state, save_tensors
 from potion.config import RunConfig
-from potion.run import write_config
-from potion.tokenizer import save_tokenizer
+from potion.data.tokenizer import save_tokenizer
+from potion.formats.run import write_config
+from potion.train.checkpoint import model_state, save_tensors
 
 READY = re.compile(r"potion serve: .* at (http://127\.0\.0\.1:\d+)/")
 

@@ -14,9 +14,9 @@ from tiny_settings import TINY
 
 from potion.cli import main
 from potion.config import resolve
-from potion.train import train
+from potion.train.loop import train
 
-training_loop = importlib.import_module("potion.train")  # the module: potion.train is also the function
+training_loop = importlib.import_module("potion.train.loop")  # the module: potion.train is also the function
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("quiet_machine")

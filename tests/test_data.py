@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from potion import DataConfig, PotionError
-from potion.data import Batches, find_files, prepare, read_blocks
+from potion.data.tokens import Batches, find_files, prepare, read_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_pydocs_builtin_corpus():
 
 SLOW_TOKENIZING = """
 import sys, time
-import potion.data as data
+import potion.data.tokens as data
 encode = data._encode_item
 def slowly(item):  # a block at a time, slowly enough for the test to kill the process in the middle
     time.sleep(0.5)
@@ -173,7 +173,7 @@ def test_tokenizing_workers_that_cannot_start_fall_back_to_this_process(tmp_path
     (tmp_path / "a.txt").write_text("".join(chr(97 + i % 26) for i in range(1 << 20)) * 17)  # 17 MB: workers
     script = (
         "from potion import DataConfig\n"
-        "from potion.data import prepare\n"
+        "from potion.data.tokens import prepare\n"
         f"print(len(prepare(DataConfig(data={str(tmp_path / 'a.txt')!r}), quiet=True).tokens))\n"
     )
     result = subprocess.run(

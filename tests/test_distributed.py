@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_settings import TINY
 
-import potion.checkpoint as ckpt
+import potion.train.checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(__file__).with_name("distributed_launch.py")
@@ -267,8 +267,8 @@ def test_sigterm_stops_both_ranks_at_one_step_and_saves_once(corpus, runs):
 def test_the_ranks_rows_put_together_are_the_one_process_batch(corpus, monkeypatch):
     import numpy as np
 
-    from potion import distributed
-    from potion.data import Batches
+    from potion.data.tokens import Batches
+    from potion.parallel import world as distributed
 
     tokens = np.arange(5000, dtype=np.uint16)
     alone = Batches(tokens, 16, 8, seed=3)
@@ -284,9 +284,9 @@ def test_the_ranks_rows_put_together_are_the_one_process_batch(corpus, monkeypat
 
 
 def test_a_batch_that_does_not_split_evenly_and_an_unknown_parallel_are_one_line(monkeypatch):
-    from potion import distributed
     from potion.config import resolve
     from potion.errors import PotionError
+    from potion.parallel import world as distributed
 
     monkeypatch.setattr(distributed, "_world", distributed.World(0, 3, 0, 3, "gloo"))
     with pytest.raises(PotionError, match=r"batch_size \(8\) must be divisible by the number of processes \(3\)"):
@@ -296,7 +296,7 @@ def test_a_batch_that_does_not_split_evenly_and_an_unknown_parallel_are_one_line
 
 
 def test_auto_picks_ddp_while_a_copy_fits_and_fsdp_beyond(monkeypatch):
-    from potion import distributed
+    from potion.parallel import world as distributed
 
     model = torch.nn.Linear(1000, 1000)  # 1M weights: 16 MB of weights, gradients and AdamW moments
     monkeypatch.setattr(distributed, "device_memory", lambda device: 64e6)

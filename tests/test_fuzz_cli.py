@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 from potion.cli import main
 from potion.config import SECTIONS, resolve
-from potion.fileio import sha256_file
-from potion.train import train
+from potion.formats.fileio import sha256_file
+from potion.train.loop import train
 
 FUZZ_EXAMPLES = int(os.environ.get("POTION_FUZZ_EXAMPLES", "0"))
 

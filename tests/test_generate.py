@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from potion import GPT, ModelConfig, PotionError, SamplingConfig, config, generate, generate_text
-from potion.generate import decode_one_token, decoding_dtype, decoding_model, encode_prompt, prefill
+from potion import GPT, ModelConfig, PotionError, SamplingConfig, config, generate_text
+from potion.data.tokenizer import CharTokenizer
 from potion.hardware import DTYPES
-from potion.sampling import apply_top_k, apply_top_p, draw, greedy_tokens, sample_next
-from potion.tokenizer import CharTokenizer
+from potion.infer import generate
+from potion.infer.generate import decode_one_token, decoding_dtype, decoding_model, encode_prompt, prefill
+from potion.infer.sampling import apply_top_k, apply_top_p, draw, greedy_tokens, sample_next
 
 
 def test_top_k_keeps_k():

@@ -15,15 +15,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import potion
-from potion.checkpoint import model_state, save_tensors
 from potion.cli import main
 from potion.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from potion.data.tokenizer import CharTokenizer
 from potion.errors import PotionError
-from potion.generate import generate_tokens
-from potion.hf.convert import export_model, import_model
-from potion.run import write_config
-from potion.tokenizer import CharTokenizer
-from potion.train import train
+from potion.formats.hf.convert import export_model, import_model
+from potion.formats.run import write_config
+from potion.infer.generate import generate_tokens
+from potion.train.checkpoint import model_state, save_tensors
+from potion.train.loop import train
 
 transformers = pytest.importorskip("transformers")
 
@@ -343,7 +343,7 @@ def test_export_never_overwrites(tmp_path, capsys):
 def fine_tune(source, data: Path, out: Path, **train_fields) -> dict:
     settings = dict(batch_size=4, eval_every=2, eval_batches=2, sample_tokens=0, learning_rate=1e-3, warmup_steps=1)
     base = potion.config.load_preset("gpt2-finetune")
-    config = potion.config.with_architecture(base, potion.run.source_config(source))
+    config = potion.config.with_architecture(base, potion.formats.run.source_config(source))
     config = RunConfig(
         model=config.model,
         data=DataConfig(data=str(data), tokenizer=config.data.tokenizer, bpe_vocab_size=config.data.bpe_vocab_size),
@@ -364,7 +364,7 @@ def test_fine_tune_an_imported_gpt2_lowers_the_loss_and_resumes_exactly(tmp_path
 
     last = Path("checkpoints") / "step-00000006" / "model.safetensors"
     shutil.rmtree(runs["split"] / last.parent)  # as if killed after step 4's checkpoint
-    train(potion.run.read_config(runs["split"]), out=runs["split"], resume=True, quiet=True)
+    train(potion.formats.run.read_config(runs["split"]), out=runs["split"], resume=True, quiet=True)
     assert (runs["split"] / last).read_bytes() == (runs["whole"] / last).read_bytes()
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from potion import optim
 from potion.config import ModelConfig, TrainConfig
-from potion.model import GPT
+from potion.model.gpt import GPT
+from potion.train import optim
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

@@ -21,16 +21,16 @@ from safetensors.torch import load_file
 from tiny_settings import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import potion.checkpoint as ckpt
-from potion import optim as potion_optim
+import potion.train.checkpoint as ckpt
 from potion.config import ModelConfig, resolve
 from potion.errors import PotionError
-from potion.model import GPT
-from potion.optim import make_optimizer
-from potion.run import LOCK_NAME, RunLock
-from potion.train import train
+from potion.formats.run import LOCK_NAME, RunLock
+from potion.model.gpt import GPT
+from potion.train import optim as potion_optim
+from potion.train.loop import train
+from potion.train.optim import make_optimizer
 
-training_loop = importlib.import_module("potion.train")  # the module: potion.train is also the function
+training_loop = importlib.import_module("potion.train.loop")  # the module: potion.train is also the function
 ROOT = Path(__file__).resolve().parents[1]
 # One thread: on a small shared machine two threads of a tiny model mostly wait for each other.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -211,7 +211,7 @@ def test_a_scheduler_signal_saves_at_that_step_and_resume_is_byte_identical(corp
 
 
 def test_a_second_stop_signal_aborts_without_saving():
-    from potion.interrupt import Aborted, StopRequest, exit_code
+    from potion.train.interrupt import Aborted, StopRequest, exit_code
 
     request = StopRequest.install()
     try:
@@ -549,7 +549,7 @@ def test_the_lock_is_held_by_the_kernel_and_released_when_its_holder_is_killed(c
         [
             sys.executable,
             "-c",
-            f"from potion.run import RunLock; RunLock(__import__('pathlib').Path({str(run)!r}))"
+            f"from potion.formats.run import RunLock; RunLock(__import__('pathlib').Path({str(run)!r}))"
             ".__enter__(); print('locked', flush=True); __import__('time').sleep(600)",
         ],
         env=ENV,

@@ -19,7 +19,7 @@ from serving import Server, make_run
 import potion
 from potion.cli import main
 from potion.config import SamplingConfig
-from potion.generate import generate_text
+from potion.infer.generate import generate_text
 from potion.serve.server import reach_warning
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from potion import GPT, ModelConfig, PotionError, SamplingConfig, generate
-from potion.generate import drafts_per_check, generate_tokens
-from potion.speculate import (
+from potion import GPT, ModelConfig, PotionError, SamplingConfig
+from potion.infer import generate
+from potion.infer.generate import drafts_per_check, generate_tokens
+from potion.infer.speculate import (
     DRAFT_TOKENS,
     MAX_ADAPTED_DRAFTS,
     Int4Linear,

@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from potion import PotionError
-from potion.tokenizer import EOT, BPETokenizer, CharTokenizer, tokenizer_from_json
+from potion.data.tokenizer import EOT, BPETokenizer, CharTokenizer, tokenizer_from_json
 
 CORPUS = ["The cat sat on the mat.\nThe dog sat too. ", "Überraschung! 東京 🐍 naïve café", "hello world " * 20]
 

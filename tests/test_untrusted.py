@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import save_file
 from tiny_settings import TINY
 
-import potion.checkpoint as ckpt
+import potion.train.checkpoint as ckpt
 from potion.cli import main
 from potion.config import ModelConfig, resolve
 from potion.errors import PotionError
-from potion.fileio import sha256_file
-from potion.model import GPT
-from potion.preflight import check_weights_match, expected_tensors, read_header
-from potion.train import train
+from potion.formats.fileio import sha256_file
+from potion.model.gpt import GPT
+from potion.train.loop import train
+from potion.train.preflight import check_weights_match, expected_tensors, read_header
 
 pytestmark = pytest.mark.usefixtures("quiet_machine")
 

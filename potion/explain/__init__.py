@@ -5,11 +5,11 @@ JSON and probe files); text.py, html.py (+ page.html) and plot.py only read it. 
 a PNG is saved.
 """
 
-from .compute import check_probe, explain, save_probe
-from .html import render_html, save_html
-from .plot import save_png
-from .schema import Explanation, load_json, load_probes, probe_path, save_json, visible
-from .text import render_text, use_color
+from potion.explain.compute import check_probe, explain, save_probe
+from potion.explain.html import render_html, save_html
+from potion.explain.plot import save_png
+from potion.explain.schema import Explanation, load_json, load_probes, probe_path, save_json, visible
+from potion.explain.text import render_text, use_color
 
 __all__ = [
     "Explanation",

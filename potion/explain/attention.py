@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .schema import AttentionMatrices, AverageKey, HeadAttention, HeadAverage, KeyWeight, WorkedExample
+from potion.explain.schema import AttentionMatrices, AverageKey, HeadAttention, HeadAverage, KeyWeight, WorkedExample
 
 WORKED_ENTRIES = 4  # vector entries spelled out in the worked example; the rest are summed as "more terms"
 MATRIX_BUDGET = 200_000  # numbers (weights + scores) in the all-tokens attention matrices; beyond it: focus only

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .schema import Candidate, LogitAttribution, LogitPart
+from potion.explain.schema import Candidate, LogitAttribution, LogitPart
 
 if TYPE_CHECKING:  # compute.py imports this module; the type is only for reading
-    from .compute import TracedForward
+    from potion.explain.compute import TracedForward
 
 LOGIT_ATTRIBUTION_NOTE = (
     "Direct logit attribution freezes the final norm's scale at its value in this forward pass, "

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import PotionError
-from .attention import all_matrices, head_attention, head_average
-from .attribution import LOGIT_ATTRIBUTION_NOTE, attribution, heads_to_attention_output_error
-from .schema import (
+from potion.errors import PotionError
+from potion.explain.attention import all_matrices, head_attention, head_average
+from potion.explain.attribution import LOGIT_ATTRIBUTION_NOTE, attribution, heads_to_attention_output_error
+from potion.explain.schema import (
     FORMAT,
     Candidate,
     Checks,
@@ -91,7 +91,7 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def generate_logits(model, ids: list[int]) -> torch.Tensor:
     """The logits after ids exactly as generation computes them: prefill on a fresh KV cache."""
-    from ..generate import prefill
+    from potion.infer.generate import prefill
 
     idx = torch.tensor([ids], dtype=torch.long, device=_device(model))
     return prefill(model, idx, model.new_cache(1))[0].float()
@@ -173,7 +173,7 @@ def explain(
 
 def _model_and_tokenizer(model, tokenizer):
     if isinstance(model, (str, Path)):
-        from .. import load  # the public potion.load, whichever module resolves runs
+        from potion import load  # the public potion.load, whichever module resolves runs
 
         model = load(model)
     if not isinstance(model, torch.nn.Module):  # what potion.load returns unpacks as (model, tokenizer)

@@ -11,8 +11,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from ..fileio import atomic_write_text
-from .schema import Explanation, strict_json
+from potion.explain.schema import Explanation, strict_json
+from potion.formats.fileio import atomic_write_text
 
 MAX_PROBES = 120  # steps kept for the slider; more are thinned evenly (the first and last are always kept)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..fileio import atomic_write
-from .schema import Explanation
+from potion.explain.schema import Explanation
+from potion.formats.fileio import atomic_write
 
 MAX_COLUMNS = 64  # tokens drawn with their labels; longer prompts show the window that ends at the focus
 

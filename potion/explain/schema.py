@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PotionError
-from ..fileio import atomic_write_text
+from potion.errors import PotionError
+from potion.formats.fileio import atomic_write_text
 
 FORMAT = "potion-explain/1"
 VISIBLE = {" ": "·", "\n": "↵", "\t": "⇥", "\r": "␍"}
@@ -182,7 +182,7 @@ class Checks:
     row_sum: float  # |sum of a weight row - 1|, every layer, head and token
     heads_to_attention_output: float  # sum over heads of context_h @ W_proj_h + bias vs the block's attn_out
     parts_to_residual: float  # embeddings + every attention and MLP output vs the final residual stream
-    logits_vs_generate: float  # these logits vs potion.generate.prefill on a KV cache
+    logits_vs_generate: float  # these logits vs potion.infer.generate.prefill on a KV cache
     lens_last_vs_logits: float  # the lens after the last block vs the real logits
 
 
@@ -234,7 +234,7 @@ class Explanation:
 
     def _repr_html_(self) -> str:
         """In a notebook an Explanation shows itself as the explain page, offline (nothing is fetched)."""
-        from .html import repr_html  # the renderer reads this class, so it is imported when first needed
+        from potion.explain.html import repr_html  # the renderer reads this class, so it is imported when first needed
 
         return repr_html(self)
 

@@ -12,7 +12,7 @@ import shutil
 import textwrap
 import unicodedata
 
-from .schema import Explanation, HeadAttention
+from potion.explain.schema import Explanation, HeadAttention
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SHADES = " ░▒▓█"  # plain heat: < 5 %, < 25 %, < 50 %, < 75 %, the rest

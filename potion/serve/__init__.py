@@ -11,7 +11,7 @@ from __future__ import annotations
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> int:
     """Serve the model until Ctrl-C or SIGTERM; returns the exit code."""
-    from .server import serve as run_server
+    from potion.serve.server import serve as run_server
 
     return run_server(model, host, port, api_key)
 

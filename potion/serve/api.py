@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import PotionError
-from .completions import (
+from potion.errors import PotionError
+from potion.serve.completions import (
     FINISH_REASONS,
     ChoiceEnd,
     ChoiceText,
@@ -25,8 +25,8 @@ from .completions import (
     completion_steps,
     prepare,
 )
-from .errors import ApiError, from_validation
-from .worker import Busy, Job, ModelWorker, ShuttingDown
+from potion.serve.errors import ApiError, from_validation
+from potion.serve.worker import Busy, Job, ModelWorker, ShuttingDown
 
 MAX_BODY = 1 << 20  # bytes; a prompt is at most a context's worth of tokens that matter
 

@@ -24,11 +24,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .api import OpenAIRoutes
-from .errors import ApiError
-from .live import LiveRoutes
-from .served import ServedModel
-from .worker import ModelWorker
+from potion.serve.api import OpenAIRoutes
+from potion.serve.errors import ApiError
+from potion.serve.live import LiveRoutes
+from potion.serve.served import ServedModel
+from potion.serve.worker import ModelWorker
 
 LOCAL_NAMES = {"127.0.0.1", "localhost", "[::1]"}
 

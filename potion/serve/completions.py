@@ -16,10 +16,10 @@ from typing import Annotated
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import SamplingConfig
-from ..errors import PotionError
-from ..generate import Sample, continuation
-from .errors import ApiError
+from potion.config import SamplingConfig
+from potion.errors import PotionError
+from potion.infer.generate import Sample, continuation
+from potion.serve.errors import ApiError
 
 MAX_TOKENS = 4096  # per choice
 MAX_CHOICES = 16  # n times the number of prompts

@@ -18,15 +18,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from ..errors import PotionError
-from ..explain import explain, load_json
-from ..explain.html import MAX_PROBES, probe_summary, render_page, thin
-from ..fileio import process_exists
-from ..run import LOCK_NAME, RunLock, loss_points, read_log
-from .api import job_result, parse, submit, while_connected
-from .completions import MAX_TOKENS
-from .served import file_stamp
-from .worker import ModelWorker, single_step
+from potion.errors import PotionError
+from potion.explain import explain, load_json
+from potion.explain.html import MAX_PROBES, probe_summary, render_page, thin
+from potion.formats.fileio import process_exists
+from potion.formats.run import LOCK_NAME, RunLock, loss_points, read_log
+from potion.serve.api import job_result, parse, submit, while_connected
+from potion.serve.completions import MAX_TOKENS
+from potion.serve.served import file_stamp
+from potion.serve.worker import ModelWorker, single_step
 
 MAX_TRAIN_POINTS = 1000  # batch-loss points sent to the page; more are thinned evenly
 STARTER_PROMPTS = ("Once upon a time", "The", "a")  # the first this model's tokenizer can read fills the prompt box

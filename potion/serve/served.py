@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import PotionError
-from ..hf.gpt2 import is_hf_model
-from ..run import LoadedRun, load
+from potion.errors import PotionError
+from potion.formats.hf.gpt2 import is_hf_model
+from potion.formats.run import LoadedRun, load
 
 RELOAD_CHECK_SECONDS = 2.0  # how often the weights file's modification time is looked at
 

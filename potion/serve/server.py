@@ -16,11 +16,11 @@ import warnings
 
 import uvicorn
 
-from ..errors import PotionError
-from ..hardware import physical_cores, set_threads
-from .app import build_app
-from .served import ServedModel
-from .worker import ModelWorker
+from potion.errors import PotionError
+from potion.hardware import physical_cores, set_threads
+from potion.serve.app import build_app
+from potion.serve.served import ServedModel
+from potion.serve.worker import ModelWorker
 
 GRACE_SECONDS = 5  # for requests to finish after a stop signal before they are cancelled
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..errors import PotionError
+from potion.errors import PotionError
 
 MAX_ACTIVE = 32  # jobs stepped in turn; each completion holds a KV cache while active
 MAX_WAITING = 256  # beyond this a request is refused (503) rather than queued

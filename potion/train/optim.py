@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from .config import TrainConfig
-from .distributed import local, stacked_parts, stacked_whole
-from .hardware import cpu_has_fast_bf16
+from potion.config import TrainConfig
+from potion.hardware import cpu_has_fast_bf16
+from potion.parallel.world import local, stacked_parts, stacked_whole
 
 
 def learning_rate_at(step: int, config: TrainConfig, peak: float | None = None) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import PotionError
+from potion.errors import PotionError
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import PotionError
+from potion.errors import PotionError
 
 # owner/name or a bare name, as the Hub spells repository ids; no leading '/', '.' or '~', so paths never match
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")

@@ -1,6 +1,6 @@
 """Generation: prefill the prompt, then decode one token at a time from the KV cache.
 
-The sampling rules themselves are the small pure functions of potion.sampling.
+The sampling rules themselves are the small pure functions of potion.infer.sampling.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Generator, Iterator
 
 import torch
 
-from .config import SamplingConfig  # lives with the other configs; importable from here too
-from .hardware import DTYPES
-from .model import KVCache, fuse_projections
-from .sampling import sample_next, sample_with_probs, token_probs
-from .speculate import DRAFT_TOKENS, best_draft_count, check, draft, int4_available, make_drafter
+from potion.config import SamplingConfig  # lives with the other configs; importable from here too
+from potion.hardware import DTYPES
+from potion.infer.sampling import sample_next, sample_with_probs, token_probs
+from potion.infer.speculate import DRAFT_TOKENS, best_draft_count, check, draft, int4_available, make_drafter
+from potion.model.gpt import KVCache, fuse_projections
 
 # Under about this many bytes of fp32 weights a CPU decode step is bound by per-operation overhead rather than by
 # reading the weights, so bf16 weights gain nothing (measured: 0.8M parameters, 0.94x; 3.2M, 1.28x; 10.8M, 1.72x).
@@ -103,7 +103,7 @@ def decoding_model(model, dtype: torch.dtype, checks: bool = False):
 
 def drafting_model(model, dtype: torch.dtype):
     """The 4-bit drafting copy of model, its other numbers in dtype: the precision of the cache it shares with the
-    decoder (see potion.speculate)."""
+    decoder (see potion.infer.speculate)."""
     return kept_copy(model, ("4-bit drafter", dtype), functools.partial(make_drafter, dtype=dtype))
 
 
@@ -188,7 +188,7 @@ def generate_tokens(
     The prompt is prefilled in the model's precision; the one-token steps run in decode_dtype (see decoding_dtype).
     When the context fills up, the cache is refilled from the last half of the context, so generation can go on
     past context_length tokens (each new token then sees at most context_length - 1 earlier ones). With
-    draft_tokens > 0 (or None where it pays, see drafts_per_check) the steps are speculative: see potion.speculate.
+    draft_tokens > 0 (or None where it pays, see drafts_per_check) the steps are speculative (potion.infer.speculate).
     """
     rules = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     decode_as = decoding_dtype(model, decode_dtype)

@@ -344,12 +344,12 @@ def merge(config: RunConfig, d: dict, source: str) -> RunConfig:
 
 
 def preset_names() -> list[str]:
-    folder = resources.files("potion") / "presets"
+    folder = resources.files("potion.config") / "presets"
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
 def load_preset(name: str) -> RunConfig:
-    path = resources.files("potion") / "presets" / f"{name}.toml"
+    path = resources.files("potion.config") / "presets" / f"{name}.toml"
     if not path.is_file():
         raise PotionError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
     return merge(RunConfig(), tomllib.loads(path.read_text(encoding="utf-8")), f"preset {name}")

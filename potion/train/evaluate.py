@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import sequential_windows
-from .hardware import autocast
+from potion.data.tokens import sequential_windows
+from potion.hardware import autocast
 
 # Small batches are evaluated several to a forward pass of at least this many tokens: per-call costs dominate them
 # (tiny's 15 batches of 1,024 tokens took 150 ms one by one and 112 three at a time, on a CPU).

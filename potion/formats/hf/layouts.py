@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
-from ..errors import PotionError
+from potion.config import ModelConfig
+from potion.errors import PotionError
 
 RMS_NORM_EPS = 1e-6  # potion's RMSNorm, for the block norms and the query/key norms alike
 

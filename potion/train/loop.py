@@ -15,30 +15,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import distributed
-from .config import RunConfig, check_architecture
-from .data import Batches, absolute_data, fixed_batches, prepare
-from .distributed import gradient_sync, is_main
-from .errors import PotionError
-from .evaluate import bytes_per_token, estimate_loss
-from .explain import check_probe
-from .fileio import atomic_write_text
-from .hardware import (
-    autocast,
-    compiles_by_default,
-    keep_freed_memory,
-    maybe_compile,
-    pick_device,
-    pick_dtype,
-    set_threads,
-)
-from .interrupt import StopRequest
-from .model import GPT
-from .optim import StepTally, make_optimizer, set_learning_rate
-from .preflight import check_training_fits, check_weights_match
-from .report import Progress, log, report_evaluation, report_window, start_progress, summary
-from .run import (
+from potion.config import RunConfig, check_architecture
+from potion.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
+from potion.data.tokens import Batches, absolute_data, fixed_batches, prepare
+from potion.errors import PotionError
+from potion.explain import check_probe
+from potion.formats.fileio import atomic_write_text
+from potion.formats.run import (
     RunLock,
     RunLog,
     SavedRun,
@@ -51,7 +34,24 @@ from .run import (
     with_vocabulary,
     write_config,
 )
-from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
+from potion.hardware import (
+    autocast,
+    compiles_by_default,
+    keep_freed_memory,
+    maybe_compile,
+    pick_device,
+    pick_dtype,
+    set_threads,
+)
+from potion.model.gpt import GPT
+from potion.parallel import world as distributed
+from potion.parallel.world import gradient_sync, is_main
+from potion.train import checkpoint as ckpt
+from potion.train.evaluate import bytes_per_token, estimate_loss
+from potion.train.interrupt import StopRequest
+from potion.train.optim import StepTally, make_optimizer, set_learning_rate
+from potion.train.preflight import check_training_fits, check_weights_match
+from potion.train.report import Progress, log, report_evaluation, report_window, start_progress, summary
 
 LOG_EVERY = 10  # steps between loss read-backs from the device (on a GPU each one waits for the queued work)
 

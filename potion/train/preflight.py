@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, RunConfig
-from .errors import PotionError
-from .optim import state_slots
+from potion.config import ModelConfig, RunConfig
+from potion.errors import PotionError
+from potion.train.optim import state_slots
 
 MAX_HEADER_BYTES = 64 << 20  # GPT-2 small's header is about 15 KB; a header this big is not a model potion wrote
 DTYPE_BYTES = {
@@ -112,7 +112,7 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     The model is built on the meta device: shapes without memory. Call it once the config's size is known to be
     sane (check_weights_match does): building 100,000 layers of Python objects would take minutes.
     """
-    from .model import GPT  # the model imports config only; importing it here keeps this module light to load
+    from potion.model.gpt import GPT  # the model imports config only; importing it here keeps this module light to load
 
     with torch.device("meta"):
         model = GPT(config)

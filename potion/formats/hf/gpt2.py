@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from ..errors import PotionError
-from ..tokenizer import EOT, BPETokenizer, Tokenizer, tokenizer_from_json
+from potion.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from potion.data.tokenizer import EOT, BPETokenizer, Tokenizer, tokenizer_from_json
+from potion.errors import PotionError
 
 # GELU with the tanh approximation, which is what potion's MLP computes; plain "gelu" (erf) differs slightly
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")

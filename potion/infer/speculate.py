@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .model import KVCache, fuse_projections
-from .sampling import draw, greedy_tokens
+from potion.infer.sampling import draw, greedy_tokens
+from potion.model.gpt import KVCache, fuse_projections
 
 DRAFT_TOKENS = 4  # guesses per check to start from: the best count for 90% of drafts kept (best_draft_count)
 MAX_ADAPTED_DRAFTS = 8  # a check of up to 9 rows costs about what one row does with packed weights (measured)

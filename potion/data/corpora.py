@@ -11,8 +11,8 @@ import sysconfig
 import urllib.request
 from pathlib import Path
 
-from .errors import PotionError
-from .fileio import sha256_file
+from potion.errors import PotionError
+from potion.formats.fileio import sha256_file
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from potion.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -506,6 +506,6 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens: int, **sampling):
         """Yield new token ids one at a time; see potion.generate.generate_tokens for the options."""
-        from .generate import generate_tokens  # the sampling rules live with generation, not the network
+        from potion.infer.generate import generate_tokens  # the sampling rules live with generation, not the network
 
         yield from generate_tokens(self, idx, max_new_tokens, **sampling)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from safetensors import SafetensorError
 
-from .errors import PotionError
+from potion.errors import PotionError
 
 CHUNK_BYTES = 1 << 24
 

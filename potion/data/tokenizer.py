@@ -11,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import PotionError
+from potion.errors import PotionError
 
 EOT = "<|endoftext|>"
 

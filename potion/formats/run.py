@@ -24,17 +24,17 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .checkpoint import load_model_state, load_tensors
-from .config import RunConfig
-from .errors import PotionError
-from .fileio import atomic_write, atomic_write_text, is_leftover
-from .hf.gpt2 import is_hf_model
-from .hf.gpt2 import read_model as read_hf_model
-from .hf.gpt2 import read_run_config as read_hf_config
-from .hf.hub import model_folder
-from .model import GPT
-from .preflight import check_weights_match
-from .tokenizer import Tokenizer, load_tokenizer
+from potion.config import RunConfig
+from potion.data.tokenizer import Tokenizer, load_tokenizer
+from potion.errors import PotionError
+from potion.formats.fileio import atomic_write, atomic_write_text, is_leftover
+from potion.formats.hf.gpt2 import is_hf_model
+from potion.formats.hf.gpt2 import read_model as read_hf_model
+from potion.formats.hf.gpt2 import read_run_config as read_hf_config
+from potion.formats.hf.hub import model_folder
+from potion.model.gpt import GPT
+from potion.train.checkpoint import load_model_state, load_tensors
+from potion.train.preflight import check_weights_match
 
 FORMAT_VERSION = 1
 RUNS_DIR = Path("runs")

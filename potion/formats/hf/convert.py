@@ -11,10 +11,10 @@ import json
 import math
 from pathlib import Path
 
-from ..checkpoint import model_state, save_tensors
-from ..fileio import new_folder
-from ..run import load, read_log, write_config
-from .layouts import architecture, hf_config, hf_weights
+from potion.formats.fileio import new_folder
+from potion.formats.hf.layouts import architecture, hf_config, hf_weights
+from potion.formats.run import load, read_log, write_config
+from potion.train.checkpoint import model_state, save_tensors
 
 ARCHITECTURE_NAMES = {"gpt2": "GPT2LMHeadModel", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 

@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from .config import RunConfig
-from .distributed import is_main, world
-from .evaluate import bits_per_byte
-from .explain import save_probe
-from .generate import generate_tokens
-from .hardware import matmul_peak_tflops
-from .model import GPT
-from .run import plot_losses
-from .tokenizer import Tokenizer
+from potion.config import RunConfig
+from potion.data.tokenizer import Tokenizer
+from potion.explain import save_probe
+from potion.formats.run import plot_losses
+from potion.hardware import matmul_peak_tflops
+from potion.infer.generate import generate_tokens
+from potion.model.gpt import GPT
+from potion.parallel.world import is_main, world
+from potion.train.evaluate import bits_per_byte
 
 if TYPE_CHECKING:
-    from .train import Training
+    from potion.train.loop import Training
 
 PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
 

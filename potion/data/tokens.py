@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import DataConfig
-from .corpora import BUILTIN, builtin_path, cache_root
-from .errors import PotionError
-from .fileio import fsync_dir, fsync_file, hash_file, process_exists
-from .tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json, train_tokenizer
+from potion.config import DataConfig
+from potion.data.corpora import BUILTIN, builtin_path, cache_root
+from potion.data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json, train_tokenizer
+from potion.errors import PotionError
+from potion.formats.fileio import fsync_dir, fsync_file, hash_file, process_exists
 
 BLOCK_BYTES = 4 << 20  # read and tokenize 4 MB at a time
 PARALLEL_BYTES = 16 << 20  # below this a worker pool costs more than it saves

@@ -1,0 +1,1 @@
+"""Generation: sampling rules, prefill and decode, speculative decoding."""

@@ -1,0 +1,1 @@
+"""Several processes under torchrun: the process group, DDP / FSDP wrapping, gathered state."""

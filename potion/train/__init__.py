@@ -1,0 +1,1 @@
+"""Training: the loop, its state, the optimizers, checkpoints, evaluation and the progress report."""
