@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import emit, median_of, result  # noqa: E402
 
 from potion.hardware import keep_freed_memory, set_threads  # noqa: E402
-from potion.model.gpt import attention_with_dropout, drop_threshold, random_int16  # noqa: E402
+from potion.kernels.attention import attention_with_dropout  # noqa: E402
+from potion.kernels.dropout import drop_threshold, random_int16  # noqa: E402
 
 # (preset, batch, heads, tokens, head size, dropout)
 SHAPES = [

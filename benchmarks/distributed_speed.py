@@ -60,7 +60,7 @@ def muon_share(preset: str, overrides: list[str], reps: int = 20) -> dict:
 
     from potion.config import resolve
     from potion.hardware import autocast, pick_device, pick_dtype
-    from potion.model.gpt import GPT
+    from potion.model import GPT
     from potion.train.optim import make_optimizer
 
     config = resolve(preset, None, ["vocab_size=65", *overrides, "optimizer=muon"])  # Muon whatever the runs use

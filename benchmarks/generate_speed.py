@@ -31,7 +31,7 @@ from machine import dtype_name, emit, result  # noqa: E402
 from potion.config import load_preset  # noqa: E402
 from potion.hardware import pick_device, set_threads  # noqa: E402
 from potion.infer.generate import decode_one_token, decoding_dtype, decoding_model, prefill  # noqa: E402
-from potion.model.gpt import GPT  # noqa: E402
+from potion.model import GPT  # noqa: E402
 
 
 @torch.inference_mode()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import emit, median_of, result  # noqa: E402
 
 from potion.hardware import keep_freed_memory, set_threads  # noqa: E402
-from potion.model.gpt import RMSNormFunction  # noqa: E402
+from potion.kernels.norms import RMSNormFunction  # noqa: E402
 
 SHAPES = [  # (preset, which norm, shape)
     ("tiny", "block", (16, 64, 128)),

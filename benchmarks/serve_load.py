@@ -38,7 +38,7 @@ from potion.config import RunConfig, load_preset  # noqa: E402
 from potion.data.tokenizer import CharTokenizer, save_tokenizer  # noqa: E402
 from potion.formats.run import write_config  # noqa: E402
 from potion.infer.generate import decoding_dtype  # noqa: E402
-from potion.model.gpt import GPT  # noqa: E402
+from potion.model import GPT  # noqa: E402
 from potion.serve.server import serving_threads  # noqa: E402
 from potion.train.checkpoint import model_state, save_tensors  # noqa: E402
 

@@ -33,7 +33,7 @@ from potion.config import resolve  # noqa: E402
 from potion.data.tokens import prepare  # noqa: E402
 from potion.formats.run import read_config  # noqa: E402
 from potion.hardware import pick_device, pick_dtype  # noqa: E402
-from potion.model.gpt import GPT  # noqa: E402
+from potion.model import GPT  # noqa: E402
 from potion.train.loop import LOG_EVERY, train, wants_compile  # noqa: E402
 
 

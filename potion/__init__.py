@@ -5,7 +5,7 @@ from potion.errors import PotionError
 from potion.explain import Explanation, explain
 from potion.formats.run import LoadedRun, load
 from potion.infer.generate import generate_text
-from potion.model.gpt import GPT
+from potion.model import GPT
 
 __all__ = [
     "GPT",

@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from test_robust import nan_loss_at, tiny_config, tiny_training_argv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import potion.checkpoint as ckpt
+import potion.train.checkpoint as ckpt
 from potion import GPT, ModelConfig
-from potion.optim import has_fused_adamw
-from potion.train import train
+from potion.model.record import recording
+from potion.train.loop import train
+from potion.train.optim import has_fused_adamw
 
-training_loop = importlib.import_module("potion.train")
+training_loop = importlib.import_module("potion.train.loop")
 DEVICE = torch.device(os.environ.get("POTION_TEST_DEVICE", "cuda"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
     pytest.skip("no CUDA GPU here (scripts/gpu-check runs these on one)", allow_module_level=True)
@@ -60,7 +61,8 @@ def test_sdpa_equals_explicit_attention_under_autocast(qk_norm):
     idx = torch.randint(0, 50, (2, 64), device=DEVICE)
     dtype = torch.bfloat16 if BF16 or DEVICE.type == "cpu" else torch.float32
     with torch.no_grad(), torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):
-        explicit = model(idx, trace=[]).float()
+        with recording(model):
+            explicit = model(idx).float()
         fast = model(idx).float()
         if BF16:  # the kernel training uses on a GPU: it must run here, not silently fall back
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import potion
-from potion.checkpoint import model_state, save_tensors
 from potion.config import ModelConfig, RunConfig
+from potion.data.tokenizer import CharTokenizer, save_tokenizer
 from potion.errors import PotionError
 from potion.explain import (
     Explanation,
@@ -24,9 +24,10 @@ from potion.explain import (
     save_probe,
     visible,
 )
+from potion.formats.run import write_config
 from potion.model import GPT
-from potion.run import write_config
-from potion.tokenizer import CharTokenizer, save_tokenizer
+from potion.model.record import recording
+from potion.train.checkpoint import model_state, save_tensors
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ROMEO:<>/\n"
 VARIANTS = {
@@ -78,10 +79,9 @@ def test_rows_sum_to_one_and_values_reproduce_attention_output(model_tok):
     assert e.checks.row_sum < 1e-5
     assert e.checks.heads_to_attention_output < 1e-5  # weights @ values, through proj == the block's attn_out
     # and independently here: the weighted sum of the values is the context, which proj turns into attn_out
-    trace = []
     idx = torch.tensor([tok.encode("ROMEO: hello")])
-    with torch.no_grad():
-        model(idx, trace=trace)
+    with torch.no_grad(), recording(model) as trace:
+        model(idx)
         for block, r in zip(model.blocks, trace):
             context = r["weights"] @ r["value"]
             B, H, T, D = context.shape
@@ -94,7 +94,7 @@ def test_logits_equal_generation(model_tok):
     prompt = "ROMEO: hi"
     e = explain(model, prompt, tok, top_k=3)
     assert e.checks.logits_vs_generate < 1e-4
-    from potion.generate import prefill
+    from potion.infer.generate import prefill
 
     with torch.no_grad():
         logits = prefill(model, torch.tensor([tok.encode(prompt)]), model.new_cache(1))[0]

@@ -271,6 +271,12 @@ EXPORTABLE = {
     "rope without qk-norm, biases (Llama)": dict(
         positions="rope", norm="rmsnorm", mlp_activation="relu2", qk_norm=False, bias=True, tie_embeddings=False
     ),
+    "grouped-query SwiGLU, biases (Llama)": dict(
+        positions="rope", norm="rmsnorm", mlp_activation="swiglu", ffn_hidden=50, n_kv_head=1, bias=True
+    ),
+    "grouped-query SwiGLU with qk-norm (Qwen3)": dict(
+        positions="rope", norm="rmsnorm", mlp_activation="swiglu", n_kv_head=1, qk_norm=True, bias=False
+    ),
     "gpt2 recipe, no biases, untied (GPT-2)": dict(bias=False, tie_embeddings=False),
     "gpt2 recipe (GPT-2)": dict(),
 }
@@ -315,6 +321,7 @@ def small_model(tokenizer) -> dict:
         ("value_embeddings", dict(value_embeddings=True)),
         ("mlp_activation", dict(positions="rope", norm="rmsnorm", mlp_activation="gelu")),
         ("norm", dict(norm="rmsnorm")),
+        ("n_kv_head", dict(n_kv_head=1)),
         ("bias", dict(positions="rope", norm="rmsnorm", mlp_activation="relu2", qk_norm=True, bias=True)),
     ],
 )

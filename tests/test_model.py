@@ -4,16 +4,10 @@ import pytest
 import torch
 
 from potion import GPT, ModelConfig
-from potion.model import (
-    Dropout,
-    ReluSquared,
-    RMSNormFunction,
-    attention_with_dropout,
-    causal_attention,
-    fuse_projections,
-    gelu_by_sigmoid,
-    keep_mask,
-)
+from potion.kernels.activations import swiglu_reference
+from potion.model import Shapes
+from potion.model.attention import fuse_projections
+from potion.model.record import recording
 
 
 def small_config(**kw):
@@ -27,6 +21,7 @@ VARIANTS = [
     {"positions": "rope"},
     {"norm": "rmsnorm", "mlp_activation": "relu2", "bias": False},
     {"qk_norm": True, "positions": "rope", "tie_embeddings": False, "logit_softcap": 15.0, "value_embeddings": True},
+    {"n_head": 4, "n_kv_head": 2, "mlp_activation": "swiglu", "positions": "rope", "norm": "rmsnorm", "bias": False},
 ]
 
 
@@ -47,12 +42,13 @@ def test_explicit_attention_equals_sdpa(variant):
     torch.manual_seed(1)
     model = GPT(small_config(**variant)).eval()
     idx = torch.randint(0, 50, (2, 16))
-    trace = []
-    fast, explicit = model(idx), model(idx, trace=trace)
+    fast = model(idx)
+    with recording(model) as trace:
+        explicit = model(idx)
     assert torch.allclose(fast, explicit, atol=1e-5)
     assert len(trace) == 2
     weights = trace[0]["weights"]  # (B, H, T, T)
-    assert torch.allclose(weights.sum(-1), torch.ones(2, 2, 16), atol=1e-6)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, model.config.n_head, 16), atol=1e-6)
     assert torch.all(weights.triu(diagonal=1) == 0)  # no token looks at a later one
 
 
@@ -76,7 +72,9 @@ def test_fused_projections_compute_the_same_function(variant):
     model = GPT(small_config(**variant)).eval()
     fused = copy.deepcopy(model)
     fuse_projections(fused)
-    assert not hasattr(fused.blocks[0].attn, "query") and fused.blocks[0].attn.fused_qkv.out_features == 48
+    shapes = Shapes.of(model.config)
+    assert not hasattr(fused.blocks[0].attn, "query")
+    assert fused.blocks[0].attn.fused_qkv.out_features == shapes.q_dim + 2 * shapes.kv_dim
     idx = torch.randint(0, 50, (2, 12))
     torch.testing.assert_close(fused(idx), model(idx))
     cache = fused.new_cache(2)
@@ -101,36 +99,6 @@ def test_training_projections_give_the_named_products_and_their_gradients(varian
     for name, grad in grads["eval"][1].items():
         torch.testing.assert_close(grads["train"][1][name], grad, msg=name)
     assert grads["eval"][1]["blocks.0.attn.key.weight"].abs().sum() > 0
-
-
-def test_relu_squared_gradient():
-    h = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(ReluSquared.apply, (h,))
-    torch.testing.assert_close(ReluSquared.apply(h), torch.relu(h) ** 2)
-
-
-def test_rms_norm_function_is_rms_norm_and_its_gradient():
-    x = torch.randn(4, 6, 8, dtype=torch.float64).transpose(0, 1).requires_grad_()  # not contiguous, as a q view
-    gain = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(RMSNormFunction.apply, (x, gain, 1e-6))
-    torch.testing.assert_close(RMSNormFunction.apply(x, gain, 1e-6), torch.nn.functional.rms_norm(x, (8,), gain, 1e-6))
-
-
-def test_rms_norm_function_in_bf16_sums_the_gain_gradient_in_fp32():
-    torch.manual_seed(0)
-    x, grad = torch.randn(64, 32, 128).bfloat16(), torch.randn(64, 32, 128).bfloat16()
-    gain = torch.rand(128) + 0.5
-    exact = [x.float().requires_grad_(), gain.clone().requires_grad_()]  # the same inputs, all in fp32
-    torch.autograd.backward(torch.nn.functional.rms_norm(exact[0], (128,), exact[1], 1e-6), grad.float())
-    low = [x.clone().requires_grad_(), gain.clone().requires_grad_()]
-    out = RMSNormFunction.apply(*low, 1e-6)
-    out.backward(grad)
-    assert out.dtype == low[0].grad.dtype == torch.bfloat16 and low[1].grad.dtype == torch.float32
-    expected = torch.nn.functional.rms_norm(x.float(), (128,), gain, 1e-6)
-    torch.testing.assert_close(out.float(), expected, atol=0.02, rtol=0.01)
-    torch.testing.assert_close(low[0].grad.float(), exact[0].grad, atol=0.02, rtol=0.01)
-    # a sum over 2,048 rows in fp32: a bf16 gain (rms_norm's own gradient under autocast) is ~0.3 off here
-    torch.testing.assert_close(low[1].grad, exact[1].grad, atol=1e-3, rtol=1e-4)
 
 
 def test_chunked_prefill_with_cache_matches():
@@ -177,33 +145,6 @@ def test_sequence_longer_than_context_is_refused():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_dropout_drops_each_number_with_probability_p():
-    torch.manual_seed(3)
-    kept = keep_mask((400, 500), 0.2, "cpu")
-    assert kept.dtype == torch.uint8 and set(kept.unique().tolist()) == {0, 1}
-    assert abs(kept.float().mean().item() - 0.8) < 0.005
-    assert not torch.equal(kept, keep_mask((400, 500), 0.2, "cpu"))  # fresh draws each time
-
-
-@pytest.mark.parametrize("rows", [128, 5])  # the 12 queries in one block, or in blocks of 5, 5 and 2
-def test_attention_with_dropout_is_causal_and_unbiased(rows):
-    torch.manual_seed(4)
-    q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
-    exact = causal_attention(q, k, v, 0.0)
-    draws = torch.stack([attention_with_dropout(q, k, v, 0.3, rows) for _ in range(4000)])
-    standard_error = draws.std(0) / 4000**0.5
-    assert ((draws.mean(0) - exact).abs() < 5 * standard_error + 1e-6).all()  # on average, attention without dropout
-    assert draws.std(0).mean() > 0.1  # and each draw really drops weights
-    later = k.clone()
-    later[:, :, 6:] += 1.0
-    torch.manual_seed(5)
-    a = attention_with_dropout(q, k, v, 0.3, rows)
-    torch.manual_seed(5)
-    b = attention_with_dropout(q, later, v, 0.3, rows)
-    torch.testing.assert_close(a[:, :, :6], b[:, :, :6])  # no token sees a later one
-    assert not torch.allclose(a[:, :, 6:], b[:, :, 6:])
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_cpu_attention_under_bf16_autocast_follows_the_fp32_result(dropout):
     torch.manual_seed(6)
@@ -219,18 +160,8 @@ def test_cpu_attention_under_bf16_autocast_follows_the_fp32_result(dropout):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_dropout_scales_the_kept_numbers_and_is_off_in_eval():
-    torch.manual_seed(8)
-    dropout, x = Dropout(0.25), torch.randn(300, 400)
-    y = dropout(x)
-    kept = y != 0
-    torch.testing.assert_close(y[kept], x[kept] / 0.75)
-    assert abs(kept.float().mean().item() - 0.75) < 0.01
-    assert dropout.eval()(x) is x
-
-
 def test_estimate_loss_groups_small_batches_without_changing_the_mean():
-    from potion.evaluate import EVAL_PASS_TOKENS, estimate_loss
+    from potion.train.evaluate import EVAL_PASS_TOKENS, estimate_loss
 
     torch.manual_seed(6)
     model = GPT(small_config()).eval()
@@ -240,6 +171,64 @@ def test_estimate_loss_groups_small_batches_without_changing_the_mean():
     assert estimate_loss(model, batches, torch.device("cpu"), torch.float32) == pytest.approx(one_by_one, rel=1e-6)
 
 
-def test_gelu_written_with_a_sigmoid_is_gelu_with_tanh():
-    h = torch.linspace(-12, 12, 10_001, dtype=torch.float64)
-    torch.testing.assert_close(gelu_by_sigmoid(h), torch.nn.functional.gelu(h, approximate="tanh"), rtol=0, atol=1e-12)
+def with_weights_of(config: ModelConfig, source: GPT) -> GPT:
+    model = GPT(config).eval()
+    model.load_state_dict(source.state_dict())
+    return model
+
+
+def test_n_kv_head_equal_to_n_head_is_multi_head_attention_exactly():
+    torch.manual_seed(9)
+    today = GPT(small_config(positions="rope", dropout=0.1)).eval()
+    explicit = with_weights_of(small_config(positions="rope", dropout=0.1, n_kv_head=2), today)
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.equal(today(idx), explicit(idx))
+    today.train(), explicit.train()
+    torch.manual_seed(10)
+    a = today(idx, idx)[1]
+    torch.manual_seed(10)
+    assert torch.equal(a, explicit(idx, idx)[1])  # the same dropout draws, the same loss
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 1])  # grouped-query and multi-query attention
+def test_grouped_query_attention_is_multi_head_attention_with_repeated_key_value_heads(n_kv_head):
+    torch.manual_seed(11)
+    config = small_config(positions="rope", n_head=4, n_kv_head=n_kv_head, qk_norm=True, bias=True)
+    grouped = GPT(config).eval()
+    mha = GPT(small_config(positions="rope", n_head=4, qk_norm=True, bias=True)).eval()
+    state, D, repeat = grouped.state_dict(), 4, 4 // n_kv_head
+    for name in list(state):
+        if ".attn.key." in name or ".attn.value." in name:  # (H_kv * D, ...) -> (H * D, ...), each head repeated
+            heads = state[name].view(n_kv_head, D, *state[name].shape[1:])
+            state[name] = heads.repeat_interleave(repeat, dim=0).reshape(4 * D, *state[name].shape[1:])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(grouped(idx), mha(idx))
+    cache = grouped.new_cache(2)
+    assert cache.layers[0].key.shape == (2, n_kv_head, 16, D) == Shapes.of(config).cache_shape(2)
+    grouped(idx[:, :10], cache=cache)
+    torch.testing.assert_close(grouped(idx[:, 10:], cache=cache), mha(idx)[:, 10:])  # the cache holds only KV heads
+    with recording(grouped) as records:
+        torch.testing.assert_close(grouped(idx), mha(idx))
+    assert records[0]["key"].shape == (2, 4, 16, D)  # explain reads keys per query head
+
+
+def test_swiglu_feed_forward_equals_a_hand_written_reference():
+    torch.manual_seed(12)
+    config = small_config(mlp_activation="swiglu", ffn_hidden=24, bias=False, norm="rmsnorm")
+    mlp = GPT(config).blocks[0].mlp
+    assert (mlp.gate.weight.shape, mlp.up.weight.shape, mlp.down.weight.shape) == ((24, 16), (24, 16), (16, 24))
+    x = torch.randn(2, 5, 16)
+    by_hand = (torch.nn.functional.silu(x @ mlp.gate.weight.T) * (x @ mlp.up.weight.T)) @ mlp.down.weight.T
+    torch.testing.assert_close(mlp(x), by_hand)
+    torch.testing.assert_close(mlp(x), swiglu_reference(mlp.gate(x), mlp.up(x)) @ mlp.down.weight.T)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [*VARIANTS, {"n_head": 4, "n_kv_head": 1, "mlp_activation": "swiglu", "ffn_hidden": 40}, {"ffn_hidden": 20}],
+)
+def test_shapes_count_every_parameter_of_a_block(variant):
+    config = small_config(**variant)
+    block = GPT(config).blocks[0]
+    assert Shapes.of(config).block_parameters(config.qk_norm) == sum(p.numel() for p in block.parameters())

@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import PotionError
+from potion.errors import PotionError
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class ModelConfig:
     context_length: int = 1024
     n_layer: int = 12
     n_head: int = 12
+    n_kv_head: int = 0  # key/value heads, each shared by n_head / n_kv_head query heads; 0 = n_head (one each)
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in the linear layers and norms
@@ -38,8 +39,9 @@ class ModelConfig:
     positions: str = "learned"  # learned | rope
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp_activation: str = "gelu"  # gelu | relu2
-    mlp_ratio: int = 4  # feed-forward width = mlp_ratio * n_embd
+    mlp_activation: str = "gelu"  # gelu | relu2 | swiglu (gated: silu(gate(x)) * up(x))
+    mlp_ratio: int = 4  # feed-forward width = mlp_ratio * n_embd, unless ffn_hidden is set
+    ffn_hidden: int = 0  # the feed-forward network's inner width; 0 = mlp_ratio * n_embd
     qk_norm: bool = False  # normalise queries and keys per head before the dot product
     zero_init_proj: bool = False  # output projections of attention and MLP start at zero
     zero_init_head: bool = False  # an untied output head that starts at zero
@@ -50,12 +52,20 @@ class ModelConfig:
         _check_types(self, "model")
         _check_choice("positions", self.positions, ("learned", "rope"))
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("mlp_activation", self.mlp_activation, ("gelu", "relu2"))
+        _check_choice("mlp_activation", self.mlp_activation, ("gelu", "relu2", "swiglu"))
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise PotionError(f"model.{name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise PotionError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        for name in ("n_kv_head", "ffn_hidden"):
+            if getattr(self, name) < 0:
+                raise PotionError(f"model.{name} must not be negative (0 picks the default), got {getattr(self, name)}")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise PotionError(
+                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head}): "
+                "each key/value head serves the same number of query heads"
+            )
         if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
             raise PotionError("rope needs an even head size (n_embd / n_head)")
         _check_range(self, "model", "dropout", 0.0, 1.0, top_open=True)
@@ -64,10 +74,6 @@ class ModelConfig:
         _check_range(self, "model", "logit_softcap", 0.0, MAX_SOFTCAP)
         if self.zero_init_head and self.tie_embeddings:
             raise PotionError("model.zero_init_head needs tie_embeddings = false (a tied head is the embedding)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import math
 import torch
 
 from potion.explain.schema import AttentionMatrices, AverageKey, HeadAttention, HeadAverage, KeyWeight, WorkedExample
+from potion.model.shapes import Shapes
 
 WORKED_ENTRIES = 4  # vector entries spelled out in the worked example; the rest are summed as "more terms"
 MATRIX_BUDGET = 200_000  # numbers (weights + scores) in the all-tokens attention matrices; beyond it: focus only
@@ -46,7 +47,7 @@ def worked_example(config, record, head: int, focus: int, key: int, scaled_row: 
     n = min(WORKED_ENTRIES, q.numel())
     products = q * k
     dot = float(products.sum())
-    scale = math.sqrt(config.head_dim)
+    scale = math.sqrt(Shapes.of(config).head_dim)
     shift = float(scaled_row.max()) if float(scaled_row.max()) > EXP_LIMIT else 0.0
     exps = (scaled_row - shift).exp()
     steps = [

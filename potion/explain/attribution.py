@@ -7,14 +7,11 @@ residual stream; the per-head outputs also give the check that the heads reprodu
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
+from potion.explain.forward import TracedForward
 from potion.explain.schema import Candidate, LogitAttribution, LogitPart
-
-if TYPE_CHECKING:  # compute.py imports this module; the type is only for reading
-    from potion.explain.compute import TracedForward
 
 LOGIT_ATTRIBUTION_NOTE = (
     "Direct logit attribution freezes the final norm's scale at its value in this forward pass, "

@@ -1,7 +1,7 @@
 """Look inside one prediction: the data behind `potion explain`.
 
 explain(model, tokenizer, prompt) runs the prompt once through the model's explicit attention path
-(GPT.forward(idx, trace=[])) and gathers, for one focus token (default: the last):
+(potion.model.record.recording) and gathers, for one focus token (default: the last):
 
   - the next-token prediction (top-k, and the rank of an expected token);
   - its attention in every layer and head: the earlier tokens ranked by weight, with the raw q.k, the scaled
@@ -19,7 +19,6 @@ Everything lands in one frozen, JSON-serialisable Explanation (schema.py, with i
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import torch
 from potion.errors import PotionError
 from potion.explain.attention import all_matrices, head_attention, head_average
 from potion.explain.attribution import LOGIT_ATTRIBUTION_NOTE, attribution, heads_to_attention_output_error
+from potion.explain.forward import TracedForward, generate_logits, model_device, trace_forward
 from potion.explain.schema import (
     FORMAT,
     Candidate,
@@ -41,6 +41,7 @@ from potion.explain.schema import (
     save_json,
     visible,
 )
+from potion.model.shapes import Shapes
 
 OCCLUSION_BATCH = 32  # sequences per forward pass when dropping tokens one at a time
 
@@ -52,49 +53,6 @@ OCCLUSION_NOTE = (
     "Occlusion deletes one earlier token and runs the prompt again; the tokens after it move one "
     "position earlier, so a change can also come from the shifted positions."
 )
-
-
-# ---------------------------------------------------------------- the forward pass
-
-
-@dataclass
-class TracedForward:
-    """One forward pass through the explicit attention path; tensors stay here, numbers go to the Explanation."""
-
-    ids: list[int]
-    logits: torch.Tensor  # (T, V), after any softcap: what sampling sees
-    raw_logits: torch.Tensor  # (T, V) before the softcap
-    trace: list[dict]  # one dict per block, see GPT.forward
-    final_residual: torch.Tensor  # (T, C): the residual stream after the last block, before the final norm
-
-
-@torch.no_grad()
-def trace_forward(model, ids: list[int]) -> TracedForward:
-    idx = torch.tensor([ids], dtype=torch.long, device=_device(model))
-    trace: list[dict] = []
-    logits = model(idx, trace=trace)[0].float()
-    if not bool(torch.isfinite(logits).all()):
-        raise PotionError(
-            "the model's next-token scores for this prompt are not finite numbers (NaN or inf): its weights are "
-            "damaged or too large"
-        )
-    last = trace[-1]
-    final_residual = (last["residual_in"] + last["attn_out"] + last["mlp_out"])[0]  # the block's own sum order
-    raw = model.head(model.final_norm(final_residual)).float()
-    return TracedForward(ids, logits, raw, trace, final_residual)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def generate_logits(model, ids: list[int]) -> torch.Tensor:
-    """The logits after ids exactly as generation computes them: prefill on a fresh KV cache."""
-    from potion.infer.generate import prefill
-
-    idx = torch.tensor([ids], dtype=torch.long, device=_device(model))
-    return prefill(model, idx, model.new_cache(1))[0].float()
 
 
 # ---------------------------------------------------------------- building the explanation
@@ -173,7 +131,7 @@ def explain(
 
 def _model_and_tokenizer(model, tokenizer):
     if isinstance(model, (str, Path)):
-        from potion import load  # the public potion.load, whichever module resolves runs
+        from potion.formats.run import load
 
         model = load(model)
     if not isinstance(model, torch.nn.Module):  # what potion.load returns unpacks as (model, tokenizer)
@@ -229,7 +187,15 @@ def _checks(model, forward: TracedForward, ids: list[int], focus: int, parts_err
 def _model_summary(config, tokenizer) -> ModelSummary:
     c = config
     return ModelSummary(
-        c.n_layer, c.n_head, c.head_dim, c.n_embd, c.context_length, c.positions, c.norm, tokenizer.kind, c.vocab_size
+        c.n_layer,
+        c.n_head,
+        Shapes.of(c).head_dim,
+        c.n_embd,
+        c.context_length,
+        c.positions,
+        c.norm,
+        tokenizer.kind,
+        c.vocab_size,
     )
 
 
@@ -318,7 +284,7 @@ def _occlusion(model, ids: list[int], focus: int, target_id: int, tokens) -> tup
     """For each token before the focus: the target's probability with that one token deleted."""
     if focus == 0:
         return ()
-    device = _device(model)
+    device = model_device(model)
     base = model(torch.tensor([ids[: focus + 1]], device=device))[0, -1].float().softmax(-1)[target_id]
     without = [ids[:j] + ids[j + 1 : focus + 1] for j in range(focus)]
     probs = []

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from potion.errors import PotionError
+from potion.explain.html import repr_html, strict_json
 from potion.formats.fileio import atomic_write_text
 
 FORMAT = "potion-explain/1"
@@ -234,8 +235,6 @@ class Explanation:
 
     def _repr_html_(self) -> str:
         """In a notebook an Explanation shows itself as the explain page, offline (nothing is fetched)."""
-        from potion.explain.html import repr_html  # the renderer reads this class, so it is imported when first needed
-
         return repr_html(self)
 
     def to_json(self, indent: int | None = None) -> str:
@@ -275,17 +274,6 @@ def load_json(path: str | Path) -> Explanation:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PotionError(f"cannot read explain data '{p}' ({e})") from None
     return Explanation.from_dict(d, f"'{p}'")
-
-
-def strict_json(body, indent: int | None = None) -> str:
-    """JSON a browser parses: NaN and infinity, which JSON lacks, are one PotionError rather than invalid output."""
-    try:
-        return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=indent)
-    except ValueError:
-        raise PotionError(
-            "this explanation holds numbers that are not finite (NaN or inf): the model's weights are damaged or "
-            "too large"
-        ) from None
 
 
 def save_json(explanation: Explanation, path: str | Path) -> None:

@@ -32,7 +32,7 @@ from potion.formats.hf.gpt2 import is_hf_model
 from potion.formats.hf.gpt2 import read_model as read_hf_model
 from potion.formats.hf.gpt2 import read_run_config as read_hf_config
 from potion.formats.hf.hub import model_folder
-from potion.model.gpt import GPT
+from potion.model import GPT
 from potion.train.checkpoint import load_model_state, load_tensors
 from potion.train.preflight import check_weights_match
 

@@ -19,7 +19,8 @@ from potion.config import SamplingConfig  # lives with the other configs; import
 from potion.hardware import DTYPES
 from potion.infer.sampling import sample_next, sample_with_probs, token_probs
 from potion.infer.speculate import DRAFT_TOKENS, best_draft_count, check, draft, int4_available, make_drafter
-from potion.model.gpt import KVCache, fuse_projections
+from potion.model.attention import fuse_projections
+from potion.model.cache import KVCache
 
 # Under about this many bytes of fp32 weights a CPU decode step is bound by per-operation overhead rather than by
 # reading the weights, so bf16 weights gain nothing (measured: 0.8M parameters, 0.94x; 3.2M, 1.28x; 10.8M, 1.72x).

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from potion.infer.sampling import draw, greedy_tokens
-from potion.model.gpt import KVCache, fuse_projections
+from potion.model.attention import fuse_projections
+from potion.model.cache import KVCache
 
 DRAFT_TOKENS = 4  # guesses per check to start from: the best count for 90% of drafts kept (best_draft_count)
 MAX_ADAPTED_DRAFTS = 8  # a check of up to 9 rows costs about what one row does with packed weights (measured)

@@ -1,5 +1,8 @@
-"""The network: the GPT, its attention, its KV cache, and the facts derived from its shape."""
+"""The network: the GPT (gpt.py), its attention (attention.py), its KV cache (cache.py), the facts derived from its
+shape (shapes.py), and what it computed when explain asks (record.py). It imports only config and kernels."""
 
-from potion.model.gpt import GPT, KVCache
+from potion.model.cache import KVCache
+from potion.model.gpt import GPT
+from potion.model.shapes import Shapes
 
-__all__ = ["GPT", "KVCache"]
+__all__ = ["GPT", "KVCache", "Shapes"]

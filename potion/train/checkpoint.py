@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from potion.errors import PotionError
 from potion.formats.fileio import atomic_write, atomic_write_text, fsync_dir, sha256_file, write_failed
-from potion.model.gpt import GPT
+from potion.model import GPT
 from potion.parallel.world import gather_objects, is_main, placed_like, whole_on_main, world
 from potion.train.preflight import check_optimizer_file, check_weights_match
 

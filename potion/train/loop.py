@@ -43,7 +43,7 @@ from potion.hardware import (
     pick_dtype,
     set_threads,
 )
-from potion.model.gpt import GPT
+from potion.model import GPT
 from potion.parallel import world as distributed
 from potion.parallel.world import gradient_sync, is_main
 from potion.train import checkpoint as ckpt

@@ -24,6 +24,7 @@ import torch
 
 from potion.config import ModelConfig, RunConfig
 from potion.errors import PotionError
+from potion.model.shapes import Shapes
 from potion.train.optim import state_slots
 
 MAX_HEADER_BYTES = 64 << 20  # GPT-2 small's header is about 15 KB; a header this big is not a model potion wrote
@@ -102,8 +103,7 @@ def damaged(path: Path, why: str) -> PotionError:
 
 def minimum_weights(config: ModelConfig) -> int:
     """A lower bound on the numbers a model of this config stores, by arithmetic alone."""
-    per_block = (4 + 2 * config.mlp_ratio) * config.n_embd * config.n_embd  # attention's 4 matrices and the MLP's 2
-    return config.n_layer * per_block + config.vocab_size * config.n_embd
+    return config.n_layer * Shapes.of(config).block_parameters() + config.vocab_size * config.n_embd
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -112,7 +112,7 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     The model is built on the meta device: shapes without memory. Call it once the config's size is known to be
     sane (check_weights_match does): building 100,000 layers of Python objects would take minutes.
     """
-    from potion.model.gpt import GPT  # the model imports config only; importing it here keeps this module light to load
+    from potion.model import GPT  # the model imports config only; importing it here keeps this module light to load
 
     with torch.device("meta"):
         model = GPT(config)
@@ -125,9 +125,9 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def unstored_bytes(config: ModelConfig) -> int:
     """Memory a model needs beyond its weights: rope tables at load, one sequence's key/value cache in generation
     (both float32). Nothing in the weights bounds the context of a rope model, so this bounds it."""
-    rope_tables = 2 * config.context_length * config.head_dim // 2 if config.positions == "rope" else 0
-    kv_cache = 2 * config.n_layer * config.context_length * config.n_embd
-    return 4 * (rope_tables + kv_cache)
+    shapes = Shapes.of(config)
+    rope_tables = 2 * config.context_length * shapes.head_dim // 2 if config.positions == "rope" else 0
+    return 4 * rope_tables + shapes.cache_bytes(batch_size=1, element_size=4)
 
 
 # ---------------------------------------------------------------- config against weights

@@ -21,7 +21,7 @@ from potion.explain import save_probe
 from potion.formats.run import plot_losses
 from potion.hardware import matmul_peak_tflops
 from potion.infer.generate import generate_tokens
-from potion.model.gpt import GPT
+from potion.model import GPT
 from potion.parallel.world import is_main, world
 from potion.train.evaluate import bits_per_byte
 

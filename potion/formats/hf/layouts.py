@@ -1,10 +1,10 @@
 """potion models as transformers architectures that compute the same function: names, layouts and config.json.
 
 - the GPT-2 recipe (learned positions, LayerNorm, GELU) is GPT2LMHeadModel; biases potion leaves out are zeros.
-- the modern recipe (rotary positions, RMSNorm, ReLU²) is Qwen3ForCausalLM when queries and keys are normalised per
-  head (Qwen3 does that before the rotation, as potion does), else LlamaForCausalLM. Both have a gated MLP,
-  down(act(gate(x)) * up(x)); with act = ReLU and gate = up = potion's `up`, that is relu(z) * z = relu(z)²,
-  potion's non-gated ReLU² MLP exactly.
+- the modern recipe (rotary positions, RMSNorm, ReLU² or SwiGLU, any n_kv_head) is Qwen3ForCausalLM when queries
+  and keys are normalised per head (Qwen3 does that before the rotation, as potion does), else LlamaForCausalLM.
+  Both have a gated MLP, down(act(gate(x)) * up(x)): SwiGLU is that with act = SiLU; with act = ReLU and
+  gate = up = potion's `up`, it is relu(z) * z = relu(z)², potion's non-gated ReLU² MLP exactly.
 Anything else has no exact equivalent, and is refused with the field that stands in the way.
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from potion.config import ModelConfig
 from potion.errors import PotionError
+from potion.model.shapes import Shapes
 
 RMS_NORM_EPS = 1e-6  # potion's RMSNorm, for the block norms and the query/key norms alike
 
@@ -27,9 +28,11 @@ def architecture(config: ModelConfig) -> str:
     if config.positions == "learned":
         name = "gpt2"
         wanted = {"norm": "layernorm", "mlp_activation": "gelu", "qk_norm": False}
+        refuse["n_kv_head"] = config.n_kv_head not in (0, config.n_head)  # GPT-2 has one key/value head per head
     else:
         name = "qwen3" if config.qk_norm else "llama"
-        wanted = {"norm": "rmsnorm", "mlp_activation": "relu2"}
+        wanted = {"norm": "rmsnorm"}
+        refuse["mlp_activation"] = config.mlp_activation not in ("relu2", "swiglu")
         refuse["bias"] = config.qk_norm and config.bias  # Qwen3, the one with per-head q/k norms, has no MLP biases
     for field, value in wanted.items():
         refuse[field] = getattr(config, field) != value
@@ -43,6 +46,7 @@ def architecture(config: ModelConfig) -> str:
 
 
 def hf_config(config: ModelConfig, name: str, eot_id: int) -> dict:
+    shapes = Shapes.of(config)
     common = {"vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings, "dtype": "float32"}
     common.update(bos_token_id=eot_id, eos_token_id=eot_id)
     if name == "gpt2":
@@ -53,7 +57,7 @@ def hf_config(config: ModelConfig, name: str, eot_id: int) -> dict:
             "n_embd": config.n_embd,
             "n_layer": config.n_layer,
             "n_head": config.n_head,
-            "n_inner": config.mlp_ratio * config.n_embd,
+            "n_inner": shapes.ffn_hidden,
             "activation_function": "gelu_new",
             "layer_norm_epsilon": 1e-5,
             "resid_pdrop": config.dropout,
@@ -66,12 +70,12 @@ def hf_config(config: ModelConfig, name: str, eot_id: int) -> dict:
         "architectures": ["Qwen3ForCausalLM" if name == "qwen3" else "LlamaForCausalLM"],
         "model_type": name,
         "hidden_size": config.n_embd,
-        "intermediate_size": config.mlp_ratio * config.n_embd,
+        "intermediate_size": shapes.ffn_hidden,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_head,
-        "head_dim": config.head_dim,
-        "hidden_act": "relu",
+        "num_key_value_heads": shapes.n_kv_head,
+        "head_dim": shapes.head_dim,
+        "hidden_act": "silu" if shapes.gated else "relu",
         "max_position_embeddings": config.context_length,
         "rms_norm_eps": RMS_NORM_EPS,
         "attention_bias": config.bias,
@@ -95,7 +99,7 @@ def bias_of(state: dict, name: str, size: int) -> torch.Tensor:
 
 
 def gpt2_weights(state: dict, config: ModelConfig) -> dict:
-    C, hidden = config.n_embd, config.mlp_ratio * config.n_embd
+    C, hidden = config.n_embd, Shapes.of(config).ffn_hidden
     weights = {
         "transformer.wte.weight": state["token_embedding.weight"],
         "transformer.wpe.weight": state["position_embedding.weight"],
@@ -149,9 +153,10 @@ def llama_weights(state: dict, config: ModelConfig) -> dict:
             for kind in ("weight", "bias"):
                 if ours + f"{potion_name}.{kind}" in state:
                     weights[theirs + f"{hf_name}.{kind}"] = state[ours + f"{potion_name}.{kind}"]
-        for kind in ("weight", "bias"):  # relu(gate(x)) * up(x) with gate = up: relu(z) * z = relu(z)²
-            if ours + f"mlp.up.{kind}" in state:
-                weights[theirs + f"mlp.gate_proj.{kind}"] = state[ours + f"mlp.up.{kind}"]
+        gate = "mlp.gate" if config.mlp_activation == "swiglu" else "mlp.up"  # relu2: relu(z) * z with gate = up
+        for kind in ("weight", "bias"):
+            if ours + f"{gate}.{kind}" in state:
+                weights[theirs + f"mlp.gate_proj.{kind}"] = state[ours + f"{gate}.{kind}"]
         if config.qk_norm:
             weights[theirs + "self_attn.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
             weights[theirs + "self_attn.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
