@@ -6,7 +6,7 @@ import torch
 
 from potion import hardware
 from potion.config import ModelConfig
-from potion.model.gpt import GPT
+from potion.model import GPT
 
 
 def test_bf16_only_where_the_hardware_runs_it_fast(monkeypatch):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from potion.config import ModelConfig, TrainConfig
-from potion.model.gpt import GPT
+from potion.model import GPT
 from potion.train import optim
 
 

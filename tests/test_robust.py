@@ -25,7 +25,7 @@ import potion.train.checkpoint as ckpt
 from potion.config import ModelConfig, resolve
 from potion.errors import PotionError
 from potion.formats.run import LOCK_NAME, RunLock
-from potion.model.gpt import GPT
+from potion.model import GPT
 from potion.train import optim as potion_optim
 from potion.train.loop import train
 from potion.train.optim import make_optimizer

@@ -18,7 +18,7 @@ from potion.cli import main
 from potion.config import ModelConfig, resolve
 from potion.errors import PotionError
 from potion.formats.fileio import sha256_file
-from potion.model.gpt import GPT
+from potion.model import GPT
 from potion.train.loop import train
 from potion.train.preflight import check_weights_match, expected_tensors, read_header
 
