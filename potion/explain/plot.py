@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from potion.errors import require
 from potion.explain.schema import Explanation
 from potion.formats.fileio import atomic_write
 
@@ -15,7 +16,7 @@ MAX_COLUMNS = 64  # tokens drawn with their labels; longer prompts show the wind
 
 
 def save_png(e: Explanation, path: str | Path) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "plot", "a PNG heatmap (--png)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

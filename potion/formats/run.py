@@ -14,6 +14,7 @@ directory, its config, the model and the tokenizer from that one call.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -320,8 +321,13 @@ def loss_points(rows: list[dict], kind: str, key: str) -> list[tuple[int, float]
 
 
 def plot_losses(run_dir: Path, rows: list[dict]) -> None:
-    """loss.png: the batch losses, and the train and validation losses of every evaluation."""
-    import matplotlib
+    """loss.png: the batch losses, and the train and validation losses of every evaluation. Without matplotlib (an
+    extra) there is no picture, said once: the numbers are all in log.jsonl."""
+    try:
+        import matplotlib
+    except ImportError:
+        warn_once('loss.png is not drawn: matplotlib is not installed (pip install "potion[plot]")')
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -343,3 +349,8 @@ def plot_losses(run_dir: Path, rows: list[dict]) -> None:
     fig.tight_layout()
     atomic_write(run_dir / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)

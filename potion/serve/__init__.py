@@ -8,9 +8,13 @@ The HTTP stack is imported only when a server starts.
 
 from __future__ import annotations
 
+from potion.errors import require
+
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> int:
     """Serve the model until Ctrl-C or SIGTERM; returns the exit code."""
+    for module in ("starlette", "uvicorn", "pydantic"):
+        require(module, "serve", "potion serve")
     from potion.serve.server import serve as run_server
 
     return run_server(model, host, port, api_key)

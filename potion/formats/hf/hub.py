@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from potion.errors import PotionError
+from potion.errors import PotionError, require
 
 # owner/name or a bare name, as the Hub spells repository ids; no leading '/', '.' or '~', so paths never match
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
@@ -39,7 +39,8 @@ def model_folder(spec: str | Path) -> Path:
 
 def hub_snapshot(repo_id: str) -> Path:
     """The cached snapshot of a Hub model, downloading it if it is not cached and the network allows."""
-    from huggingface_hub import constants, snapshot_download
+    hub = require("huggingface_hub", "hf", f"'{repo_id}' (a Hugging Face Hub name)")
+    constants, snapshot_download = hub.constants, hub.snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES, local_files_only=True))
