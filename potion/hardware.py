@@ -213,3 +213,18 @@ def maybe_compile(model: torch.nn.Module, wanted: bool, cuda_graphs: bool = Fals
 
     torch._dynamo.config.suppress_errors = True
     return torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

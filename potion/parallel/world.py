@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from potion.errors import PotionError
+from potion.hardware import available_memory
 from potion.train.interrupt import StopRequest
 
 # Long enough for rank 0's lone work between two collectives (writing a checkpoint); short enough that a process
@@ -359,8 +360,6 @@ def choose_parallel(setting: str, model: torch.nn.Module, device: torch.device) 
 def device_memory(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    from potion.train.preflight import available_memory
-
     available = available_memory()
     return float("inf") if available is None else available / _world.local_size
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from potion.config import ModelConfig, RunConfig
 from potion.errors import PotionError
+from potion.hardware import available_memory
 from potion.model.shapes import Shapes
 from potion.train.optim import state_slots
 
@@ -253,18 +253,3 @@ def check_training_fits(config: RunConfig, device_type: str) -> None:
             f"{m.n_layer:,} layers of width {m.n_embd:,}, batch_size {config.train.batch_size:,} x context_length "
             f"{m.context_length:,}) and {human_bytes(available)} is available; make the model or the batch smaller"
         )
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
