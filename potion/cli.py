@@ -38,7 +38,7 @@ def print_json(body: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from potion.parallel.world import session
+    from potion.parallel.session import session
     from potion.train.interrupt import exit_code
     from potion.train.loop import train
 

@@ -8,9 +8,8 @@ per device; without those variables potion trains in one process exactly as befo
   one process would) and keeps its own rows, so 1 and N processes see the same tokens at every step.
 - Only rank 0 writes (config, logs, plots, samples, probes, checkpoints) and shows progress. Weights and optimizer
   state are gathered into whole tensors for it, so a run directory is the same whatever the number of processes.
-- A failure on one rank ends the job: the first rank to fail records it in the job's store (the key-value server
-  torchrun set up) and reports it as one line; a thread in every other rank watches that key and ends its process
-  quietly, with the same exit code, within a second, whatever collective it is waiting in.
+- A failure on one rank ends the job (session.py): the first rank to fail records it in the job's store (the
+  key-value server torchrun set up) and reports it as one line; the others end quietly with the same exit code.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
-import warnings
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -35,14 +32,11 @@ from potion.train.interrupt import StopRequest
 # Long enough for rank 0's lone work between two collectives (writing a checkpoint); short enough that a process
 # lost without a word (a machine gone) does not hold the others for torch's default half hour.
 TIMEOUT = timedelta(minutes=10)
-WATCH_SECONDS = 0.5  # how often the other ranks look for a failure
 REPEAT_SECONDS = 2.0  # a Ctrl-C reaches every process from the terminal and again from torchrun: one request
 FAILED = "failed"  # the store key the first failing rank claims
 EXIT_CODE = 2  # a failed job's exit code on every rank, as for any PotionError
 # The others outlive the failing rank by this much, so that torchrun names that rank as the root cause.
 GRACE_SECONDS = 1.0
-# How gloo says, in a collective, that another process is gone (killed, out of memory, its machine lost).
-LOST_PROCESS = ("Connection closed by peer", "Connection reset by peer", "remote worker")
 
 
 @dataclass(frozen=True)
@@ -70,6 +64,11 @@ _store = None  # the job's key-value store, under potion's own prefix
 
 def world() -> World:
     return _world
+
+
+def store():
+    """The job's key-value store (under potion's own prefix), or None when not launched."""
+    return _store
 
 
 def is_main() -> bool:
@@ -138,51 +137,6 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-@contextlib.contextmanager
-def session():
-    """Run a command as one process of the job torchrun started (or alone, when nothing did).
-
-    When the command fails, the first rank to fail reports its error (one line, as always) and the others end
-    quietly with the same exit code; when it succeeds, every rank waits for the others, so that none reports
-    success while rank 0 is still writing.
-    """
-    if not launched_environment():
-        yield _world
-        return
-    joined = join()
-    if not joined.is_main:  # the other ranks print nothing but errors
-        warnings.showwarning = lambda *args, **kwargs: None
-    watch = FailureWatch(_store, joined.rank)
-    watch.start()
-    try:
-        yield joined
-        dist.barrier()
-    except Exception as e:
-        watch.stop()
-        if not first_to_fail():
-            end_quietly()
-        if isinstance(e, RuntimeError) and any(words in str(e) for words in LOST_PROCESS):
-            raise PotionError(
-                f"another process of this training ended without a word (killed, out of memory, or its machine "
-                f"lost; rank {joined.rank} of {joined.size} saw: {first_line(e)}); continue from the last "
-                "checkpoint with --resume"
-            ) from None
-        if isinstance(e, PotionError) and not joined.is_main:
-            raise PotionError(f"rank {joined.rank} of {joined.size}: {e}", setting=e.setting) from None
-        raise
-    watch.stop()
-    leave()
-
-
-def first_to_fail() -> bool:
-    """Claim the job's failure for this rank; False when another rank claimed it first (and reports it)."""
-    mine = str(_world.rank).encode()
-    try:
-        return _store.compare_set(FAILED, "", mine) == mine
-    except (RuntimeError, OSError):  # the store is gone: nobody else can have reported
-        return True
-
-
 def failed_elsewhere(store, rank: int) -> bool:
     """Whether another rank has claimed the job's failure (a store error, the store gone, propagates)."""
     return store.check([FAILED]) and store.get(FAILED) != str(rank).encode()
@@ -202,34 +156,6 @@ def end_quietly() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun tearing the job down: this exit code, not SIGTERM's
     time.sleep(GRACE_SECONDS)
     raise SystemExit(EXIT_CODE)
-
-
-class FailureWatch(threading.Thread):
-    """Ends this process when another rank has failed: its main thread may be waiting in a collective that will
-    never complete (NCCL waits for its timeout; gloo notices a closed connection, but only on its next message)."""
-
-    def __init__(self, store, rank: int):
-        super().__init__(name="potion-failure-watch", daemon=True)
-        self.store, self.rank, self.stopped = store, rank, threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(WATCH_SECONDS):
-            try:
-                failed = failed_elsewhere(self.store, self.rank)
-            except (RuntimeError, OSError):  # the store has closed: the job is ending, and says so itself
-                return
-            if failed:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                time.sleep(GRACE_SECONDS)
-                os._exit(EXIT_CODE)  # the main thread is stuck in a collective: only a hard exit ends it
-
-    def stop(self) -> None:
-        """Stop watching, and wait until the last look at the store is over: a thread still inside the store's
-        C++ client while the process group is torn down and the process exits can abort it."""
-        self.stopped.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=2 * WATCH_SECONDS)
 
 
 # ---------------------------------------------------------------- stopping together
