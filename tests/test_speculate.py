@@ -21,11 +21,11 @@ from potion.infer.speculate import (
 pytestmark = pytest.mark.skipif(not int4_available(), reason="this PyTorch has no CPU kernels for 4-bit weights")
 
 
-def spread_model(seed: int, vocab_size: int = 60) -> GPT:
+def spread_model(seed: int, vocab_size: int = 60, **architecture) -> GPT:
     """A random model whose next-token scores are far apart, so float rounding never decides a greedy token."""
     torch.manual_seed(seed)
     shape = dict(vocab_size=vocab_size, context_length=24, n_layer=2, n_head=2, n_embd=64, tie_embeddings=False)
-    model = GPT(ModelConfig(**shape)).eval()
+    model = GPT(ModelConfig(**{**shape, **architecture})).eval()
     with torch.no_grad():
         model.head.weight.mul_(30)
     return model
@@ -77,6 +77,24 @@ def test_greedy_tokens_are_the_decoders_own_past_the_context(decode_dtype, draft
     assert tokens(model, 60, decode_dtype=decode_dtype, draft_tokens=drafts) == plain
     assert checks and sum(kept for _, kept in checks) > len(checks)  # drafts were checked, most of them kept
     assert len(set(plain)) > 5
+
+
+LLAMA_SHAPED = dict(positions="rope", norm="rmsnorm", n_head=4, n_kv_head=2, mlp_activation="swiglu", ffn_hidden=128)
+
+
+@pytest.mark.parametrize("decode_dtype", ["fp32", "bf16"])
+def test_greedy_tokens_of_a_grouped_query_swiglu_model_are_the_decoders_own(decode_dtype, checks, monkeypatch):
+    model = spread_model(1, bias=False, **LLAMA_SHAPED)
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():  # greedy by hand: the whole sequence again for every token
+        for _ in range(12):
+            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    by_hand = idx[0, 5:].tolist()
+    if decode_dtype == "fp32":  # bf16 decode steps may round a close call the other way
+        assert tokens(model, 12, decode_dtype=decode_dtype, draft_tokens=0) == by_hand
+    monkeypatch.setattr(generate, "BF16_DECODE_MIN_BYTES", 1)
+    plain = tokens(model, 12, decode_dtype=decode_dtype, draft_tokens=0)
+    assert tokens(model, 12, decode_dtype=decode_dtype, draft_tokens=4) == plain and checks
 
 
 def test_rejected_drafts_are_rolled_back(monkeypatch, checks):
