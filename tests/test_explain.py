@@ -42,6 +42,14 @@ VARIANTS = {
         "tie_embeddings": False,
         "mlp_activation": "relu2",
     },
+    "llama": {
+        "positions": "rope",
+        "norm": "rmsnorm",
+        "bias": False,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "mlp_activation": "swiglu",
+    },
 }
 
 
@@ -52,10 +60,7 @@ def tiny(variant="gpt2", context_length=32, seed=0):
         ModelConfig(
             vocab_size=tok.vocab_size,
             context_length=context_length,
-            n_layer=2,
-            n_head=2,
-            n_embd=32,
-            **VARIANTS[variant],
+            **{"n_layer": 2, "n_head": 2, "n_embd": 32, **VARIANTS[variant]},
         )
     )
     with torch.no_grad():  # untrained weights attend almost uniformly; spread them so the tests can fail
