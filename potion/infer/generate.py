@@ -23,7 +23,7 @@ from potion.model.attention import fuse_projections
 from potion.model.cache import KVCache
 
 # Under about this many bytes of fp32 weights a CPU decode step is bound by per-operation overhead rather than by
-# reading the weights, so bf16 weights gain nothing (measured: 0.8M parameters, 0.94x; 3.2M, 1.28x; 10.8M, 1.72x).
+# reading the weights, so bf16 weights gain nothing (docs/benchmarks.md, "Decoding internals").
 BF16_DECODE_MIN_BYTES = 8 * 2**20
 DECODING_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: (versions, copy)}
 
@@ -85,7 +85,7 @@ def decoding_model(model, dtype: torch.dtype, checks: bool = False):
     arithmetic rather than memory dominates and a CPU without bf16 hardware is several times slower in bf16).
 
     checks: the decoder will also check drafted tokens, products of a few rows, where a copy with packed weights
-    pays in fp32 too (GPT-2 small, 5 rows: 22 ms against 35 for the plain product; 1 row: 19 against 17).
+    pays in fp32 too (docs/benchmarks.md, "Decoding internals").
     """
     on_cpu = next(model.parameters()).device.type == "cpu"
     packs_fp32 = checks and on_cpu and packing_available(torch.float32)
@@ -121,7 +121,7 @@ def kept_copy(model, kind, make):
 
 class VectorLinear(torch.nn.Linear):
     """A Linear whose one-row products run as torch.mv: at batch 1 on a CPU, PyTorch's matrix-vector kernel gets
-    through bf16 weights faster than its matrix-matrix one (1.3x for GPT-2 small's decode step, measured)."""
+    through bf16 weights faster than its matrix-matrix one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() != 1:
@@ -134,8 +134,7 @@ class VectorLinear(torch.nn.Linear):
 
 class PackedLinear(torch.nn.Module):
     """A Linear whose weight oneDNN has laid out once, ahead of time, for products with a few rows: the decode
-    steps and speculative checks. For GPT-2 small in bf16 its products take about 11 ms for 1 row and for 8 alike,
-    as fast as torch.mv for one row, where the plain matrix product takes about 16 ms for 5 rows (measured)."""
+    steps and speculative checks: a product of 8 rows then takes about as long as one of 1 row."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()

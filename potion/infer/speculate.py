@@ -27,8 +27,9 @@ from potion.model.attention import fuse_projections
 from potion.model.cache import KVCache
 
 DRAFT_TOKENS = 4  # guesses per check to start from: the best count for 90% of drafts kept (best_draft_count)
-MAX_ADAPTED_DRAFTS = 8  # a check of up to 9 rows costs about what one row does with packed weights (measured)
-DRAFT_COST = 0.4  # a 4-bit draft step's time over a check's: GPT-2 small on a CPU, 6.3 ms against 16 (measured)
+# docs/benchmarks.md, "Decoding internals": where these two come from
+MAX_ADAPTED_DRAFTS = 8  # a check of up to 9 rows costs about what one row does with packed weights
+DRAFT_COST = 0.4  # a 4-bit draft step's time over a check's
 INT4_GROUPS = (64, 128, 32)  # numbers sharing one scale and offset, in order of preference
 
 
@@ -93,7 +94,7 @@ class Int4Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A draft step of GPT-2 small makes 49 of these calls, so each skips what it can (5% of the step, measured)
+        # A draft step of GPT-2 small makes 49 of these calls, so each skips what it can
         rows = x.reshape(-1, x.size(-1))
         if rows.dtype != torch.bfloat16:
             rows = rows.to(torch.bfloat16)
