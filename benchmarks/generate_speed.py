@@ -7,7 +7,8 @@ prefilled in fp32 either way, and recomputation runs in fp32, the fastest precis
 hardware. Decoding is timed over the last --decode tokens before the context is full, so each
 new token sees about --context earlier ones in both cases. The model has random weights of a preset's shape
 (speed does not depend on what it learned). With --compile, the cached fp32 one-token step is also timed through
-torch.compile, with the seconds its compilation took (potion generate does not compile: see docs/benchmarks.md, "Generation").
+torch.compile, with the seconds its compilation took (potion generate does not compile: see docs/benchmarks.md,
+"Generation").
 
 Usage (from the project root):
     python benchmarks/generate_speed.py --preset shakespeare-char --context 256
