@@ -130,8 +130,8 @@ def _never_eot(model, tok):
             logits[..., tok.eot_id] = float("-inf")
             return logits
 
-        def new_cache(self, b):
-            return self.inner.new_cache(b)
+        def new_cache(self, b, length=None):
+            return self.inner.new_cache(b, length)
 
     return NoEOT()
 
@@ -149,8 +149,8 @@ def test_stops_at_end_of_text(tiny):
                 cache.advance(idx.size(1))
             return out
 
-        def new_cache(self, b):
-            return model.new_cache(b)
+        def new_cache(self, b, length=None):
+            return model.new_cache(b, length)
 
     wrapped = AlwaysEOT()
     wrapped.dummy = torch.nn.Parameter(torch.zeros(1))

@@ -14,6 +14,7 @@ from potion.errors import PotionError
 
 MAX_SOFTCAP = 10_000.0
 MAX_BPE_VOCAB = 1 << 24  # token files store ids as uint32; the tokenizers library counts in 32 bits
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.log_to's choices: potion.train.trackers, each an extra
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,20 @@ class ModelConfig:
     n_head: int = 12
     n_kv_head: int = 0  # key/value heads, each shared by n_head / n_kv_head query heads; 0 = n_head (one each)
     n_embd: int = 768
+    head_dim: int = 0  # each head's width; 0 = n_embd / n_head (Qwen3 and Gemma use wider heads)
     dropout: float = 0.0
     bias: bool = True  # biases in the linear layers and norms
+    qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2), whatever `bias` says
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
     positions: str = "learned"  # learned | rope
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # rope_theta in Hugging Face configs
+    rope_scaling: str = "none"  # none | llama3 (Llama 3.1 / 3.2: long wavelengths slowed by rope_scaling_factor)
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192  # the context the rotations were first trained for
     norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 0.0  # added to the variance in every norm; 0 = the norm's default (LayerNorm 1e-5, RMSNorm 1e-6)
     mlp_activation: str = "gelu"  # gelu | relu2 | swiglu (gated: silu(gate(x)) * up(x))
     mlp_ratio: int = 4  # feed-forward width = mlp_ratio * n_embd, unless ffn_hidden is set
     ffn_hidden: int = 0  # the feed-forward network's inner width; 0 = mlp_ratio * n_embd
@@ -45,13 +54,24 @@ class ModelConfig:
         check_types(self, "model")
         check_choice("positions", self.positions, ("learned", "rope"))
         check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        check_choice("rope_scaling", self.rope_scaling, ("none", "llama3"))
         check_choice("mlp_activation", self.mlp_activation, ("gelu", "relu2", "swiglu"))
-        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+        for name in (
+            "vocab_size",
+            "context_length",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "mlp_ratio",
+            "rope_original_context",
+        ):
             if getattr(self, name) < 1:
                 raise PotionError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise PotionError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        for name in ("n_kv_head", "ffn_hidden"):
+        if self.n_embd % self.n_head and not self.head_dim:
+            raise PotionError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}), or set head_dim"
+            )
+        for name in ("n_kv_head", "ffn_hidden", "head_dim"):
             if getattr(self, name) < 0:
                 raise PotionError(f"model.{name} must not be negative (0 picks the default), got {getattr(self, name)}")
         if self.n_kv_head and self.n_head % self.n_kv_head:
@@ -59,10 +79,15 @@ class ModelConfig:
                 f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head}): "
                 "each key/value head serves the same number of query heads"
             )
-        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
-            raise PotionError("rope needs an even head size (n_embd / n_head)")
+        if self.positions == "rope" and (self.head_dim or self.n_embd // self.n_head) % 2:
+            raise PotionError("rope needs an even head size (head_dim, or n_embd / n_head)")
         check_range(self, "model", "dropout", 0.0, 1.0, top_open=True)
         check_range(self, "model", "rope_base", 1.0)
+        check_range(self, "model", "norm_eps", 0.0, 1.0)
+        for name in ("rope_scaling_factor", "rope_low_freq_factor"):
+            check_range(self, "model", name, 1.0)
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise PotionError("model.rope_high_freq_factor must be greater than model.rope_low_freq_factor")
         # logits beyond about 100 already give probabilities of exactly 0 and 1; a cap past float32's range is NaN
         check_range(self, "model", "logit_softcap", 0.0, MAX_SOFTCAP)
         if self.zero_init_head and self.tie_embeddings:
@@ -124,6 +149,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | bf16 | fp32
     compile: str = "auto"  # auto | on | off (auto: for runs long enough to repay it, hardware.compiles_by_default)
     parallel: str = "auto"  # with several processes (torchrun): auto | ddp | fsdp (auto: ddp when the model fits)
+    log_to: str = ""  # trackers besides log.jsonl: tensorboard | wandb | mlflow, or several ("tensorboard,wandb")
 
     def __post_init__(self):
         check_types(self, "train")
@@ -133,6 +159,10 @@ class TrainConfig:
         check_choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
         check_choice("compile", self.compile, ("auto", "on", "off"))
         check_choice("parallel", self.parallel, ("auto", "ddp", "fsdp"))
+        trackers = list(dict.fromkeys(name.strip() for name in self.log_to.split(",") if name.strip()))
+        for name in trackers:
+            check_choice("log_to", name, TRACKERS)
+        object.__setattr__(self, "log_to", ",".join(trackers))  # one spelling of it; frozen: this is its construction
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise PotionError(f"train.{name} must be at least 1, got {getattr(self, name)}")

@@ -197,10 +197,10 @@ def generate_tokens(
         adapt = draft_tokens is None
         yield from speculative_tokens(model, idx, max_new_tokens, rules, generator, eot_id, decode_as, drafts, adapt)
         return
-    context = model.config.context_length
+    context = window_length(model, idx, max_new_tokens)
     history = idx[:, -context:]
     decoder = decoding_model(model, decode_as)
-    prefill_cache = model.new_cache(idx.size(0))  # allocated once; refilled when the context is full
+    prefill_cache = model.new_cache(idx.size(0), context)  # allocated once; refilled when the context is full
     logits, cache = refill(model, history, prefill_cache, decode_as)
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
@@ -217,6 +217,12 @@ def generate_tokens(
             logits = decode_one_token(decoder, token, cache)
 
 
+def window_length(model, idx: torch.Tensor, max_new_tokens: int) -> int:
+    """Positions the cache needs: the prompt and every new token, up to the model's context (past it, generation
+    refills from the last half of the context)."""
+    return min(model.config.context_length, idx.size(1) + max(max_new_tokens, 1))
+
+
 def speculative_tokens(
     model, idx, max_new_tokens: int, rules: dict, generator, eot_id, decode_as, drafts: int, adapt: bool
 ):
@@ -226,10 +232,10 @@ def speculative_tokens(
     The drafter and the decoder share one cache: the drafter reads the decoder's keys and values of every token
     so far and writes its own past them, which the check then overwrites. `window` holds the tokens in the cache.
     """
-    context = model.config.context_length
+    context = window_length(model, idx, max_new_tokens)
     decoder, drafter = decoding_model(model, decode_as, checks=True), drafting_model(model, decode_as)
     window = idx[:, -context:]
-    prefill_cache = model.new_cache(1)
+    prefill_cache = model.new_cache(1, context)
     logits, cache = refill(model, window, prefill_cache, decode_as)
     probs_of = functools.partial(token_probs, **rules)
 

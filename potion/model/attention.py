@@ -6,6 +6,8 @@ D = head_dim. With H_kv < H (grouped-query attention) each key/value head serves
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,11 +30,29 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (length, head_dim / 2)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (context_length, head_dim / 2)."""
+    head_dim = Shapes.of(config).head_dim
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if config.rope_scaling == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, config)
+    angles = torch.outer(torch.arange(config.context_length, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Llama 3's longer context: rotations slower than the original context's span are slowed by the factor,
+    faster ones kept, and the band between blended smoothly."""
+    wavelength = 2 * math.pi / inv_freq
+    long_wave = config.rope_original_context / config.rope_low_freq_factor
+    short_wave = config.rope_original_context / config.rope_high_freq_factor
+    blend = (config.rope_original_context / wavelength - config.rope_low_freq_factor) / (
+        config.rope_high_freq_factor - config.rope_low_freq_factor
+    )
+    blended = (1 - blend) * inv_freq / config.rope_scaling_factor + blend * inv_freq
+    slowed = torch.where(wavelength > long_wave, inv_freq / config.rope_scaling_factor, inv_freq)
+    between = (wavelength >= short_wave) & (wavelength <= long_wave)
+    return torch.where(between, blended, slowed)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -58,14 +78,14 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = shapes.n_head, shapes.n_kv_head, shapes.head_dim
         self.widths = (shapes.q_dim, shapes.kv_dim, shapes.kv_dim)
         C = config.n_embd
-        self.query = nn.Linear(C, shapes.q_dim, bias=config.bias)  # what each token looks for
-        self.key = nn.Linear(C, shapes.kv_dim, bias=config.bias)  # what each token offers
-        self.value = nn.Linear(C, shapes.kv_dim, bias=config.bias)  # what each token passes on
+        self.query = nn.Linear(C, shapes.q_dim, bias=shapes.qkv_bias)  # what each token looks for
+        self.key = nn.Linear(C, shapes.kv_dim, bias=shapes.qkv_bias)  # what each token offers
+        self.value = nn.Linear(C, shapes.kv_dim, bias=shapes.qkv_bias)  # what each token passes on
         self.proj = nn.Linear(shapes.q_dim, C, bias=config.bias)  # mixes the heads' context vectors
         self.fused_qkv: nn.Linear | None = None  # see fuse_projections
         self.qk_norm = config.qk_norm
         if config.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, shapes.norm_eps), RMSNorm(self.head_dim, shapes.norm_eps)
         self.dropout = config.dropout
         self.record: dict | None = None
 

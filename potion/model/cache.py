@@ -30,8 +30,10 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch_size: int, device, dtype) -> "KVCache":
-        shape = Shapes.of(config).cache_shape(batch_size)
+    def empty(cls, config: ModelConfig, batch_size: int, device, dtype, length: int | None = None) -> "KVCache":
+        """Zeros for `length` positions (default: the whole context; a model of 128k positions generating a few
+        hundred tokens needs only those)."""
+        shape = Shapes.of(config).cache_shape(batch_size, length)
         layers = [
             LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
             for _ in range(config.n_layer)

@@ -27,9 +27,10 @@ from potion.model.shapes import Shapes
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    eps = Shapes.of(config).norm_eps
     if config.norm == "rmsnorm":
-        return RMSNorm(dim)
-    return nn.LayerNorm(dim, bias=config.bias)
+        return RMSNorm(dim, eps)
+    return nn.LayerNorm(dim, eps=eps, bias=config.bias)
 
 
 def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ class GPT(nn.Module):
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.context_length, config.n_embd)
         else:
-            cos, sin = rope_tables(self.shapes.head_dim, config.context_length, config.rope_base)
+            cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if config.value_embeddings:  # a token's identity fed straight into what it passes on, in every layer
@@ -158,6 +159,6 @@ class GPT(nn.Module):
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         return logits
 
-    def new_cache(self, batch_size: int = 1) -> KVCache:
+    def new_cache(self, batch_size: int = 1, length: int | None = None) -> KVCache:
         p = next(self.parameters())
-        return KVCache.empty(self.config, batch_size, p.device, p.dtype)
+        return KVCache.empty(self.config, batch_size, p.device, p.dtype, length)

@@ -19,12 +19,15 @@ class Shapes:
     gated: bool  # a SwiGLU feed-forward: two widening matrices (gate and up) instead of one
     context_length: int
     vocab_size: int
-    bias: bool
+    bias: bool  # biases on every linear layer (and LayerNorm)
+    qkv_bias: bool  # biases on the query, key and value projections
     layernorm: bool
+    norm_eps: float  # added to the variance in every norm
 
     @classmethod
     def of(cls, config: ModelConfig) -> "Shapes":
-        head_dim = config.n_embd // config.n_head
+        head_dim = config.head_dim or config.n_embd // config.n_head
+        layernorm = config.norm == "layernorm"
         return cls(
             n_layer=config.n_layer,
             n_embd=config.n_embd,
@@ -36,7 +39,9 @@ class Shapes:
             context_length=config.context_length,
             vocab_size=config.vocab_size,
             bias=config.bias,
-            layernorm=config.norm == "layernorm",
+            qkv_bias=config.bias or config.qkv_bias,
+            layernorm=layernorm,
+            norm_eps=config.norm_eps or (1e-5 if layernorm else 1e-6),
         )
 
     @property
@@ -54,9 +59,10 @@ class Shapes:
         """Query heads per key/value head: 1 is multi-head attention, n_head is multi-query attention."""
         return self.n_head // self.n_kv_head
 
-    def cache_shape(self, batch_size: int) -> tuple[int, int, int, int]:
-        """One layer's keys (or values) for the whole context: only the key/value heads, (B, H_kv, T, D)."""
-        return (batch_size, self.n_kv_head, self.context_length, self.head_dim)
+    def cache_shape(self, batch_size: int, length: int | None = None) -> tuple[int, int, int, int]:
+        """One layer's keys (or values) for `length` positions (the whole context by default): only the key/value
+        heads, (B, H_kv, T, D)."""
+        return (batch_size, self.n_kv_head, length or self.context_length, self.head_dim)
 
     def cache_bytes(self, batch_size: int, element_size: int) -> int:
         """Keys and values of every layer for batch_size full contexts."""
@@ -70,8 +76,10 @@ class Shapes:
         attention = C * self.q_dim + 2 * C * self.kv_dim + self.q_dim * C
         widening = 2 if self.gated else 1
         mlp = widening * C * F + F * C
+        if self.qkv_bias:
+            attention += self.q_dim + 2 * self.kv_dim
         if self.bias:
-            attention += self.q_dim + 2 * self.kv_dim + C
+            attention += C
             mlp += widening * F + C
         return 2 * norm + attention + mlp + (2 * self.head_dim if qk_norm else 0)
 
