@@ -198,17 +198,23 @@ def cmd_serve(args) -> int:
 
 def cmd_presets(args) -> int:
     from potion.config import load_preset, preset_names
+    from potion.model.shapes import Shapes
 
     for name in preset_names():
         m = load_preset(name).model
-        print(f"{name:18s} {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.context_length}")
+        shapes = Shapes.of(m)
+        heads = f"{m.n_head} heads" + (f" sharing {shapes.n_kv_head} key/value heads" if shapes.groups > 1 else "")
+        mlp = f", {m.mlp_activation} {shapes.ffn_hidden}"
+        print(f"{name:18s} {m.n_layer} layers, {heads}, {m.n_embd} wide{mlp}, context {m.context_length}")
     return 0
 
 
 # ---------------------------------------------------------------- arguments
 
 
-MODEL_HELP = "run directory, Hugging Face GPT-2 folder or model name such as gpt2 (default: the latest run)"
+MODEL_HELP = (
+    "run directory, Hugging Face folder (GPT-2, Llama, Mistral, Qwen2, Qwen3) or model name (default: the latest run)"
+)
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
@@ -306,7 +312,11 @@ def add_explain(sub) -> None:
 
 def add_import(sub) -> None:
     i = sub.add_parser("import", help="write a potion run directory for a Hugging Face GPT-2 (folder or name)")
-    i.add_argument("source", metavar="MODEL", help="a Hugging Face GPT-2 folder, or a name such as gpt2")
+    i.add_argument(
+        "source",
+        metavar="MODEL",
+        help="a Hugging Face folder (GPT-2, Llama, Mistral, Qwen2, Qwen3), or a name such as gpt2",
+    )
     i.add_argument("--out", required=True, help="the run directory to write (must not exist)")
     i.set_defaults(func=cmd_import)
 

@@ -346,3 +346,12 @@ def test_train_probe_saves_explain_data_at_each_evaluation(tmp_path, shakespeare
     assert [p.step for p in load_probes(out)] == [0, 2, 4]
     r = potion_cli("train", "--data", shakespeare, *small, "--probe", "x" * 20, "--out", tmp_path / "o2")
     assert r.returncode == 2 and "--probe text has 20 tokens" in r.stderr and not (tmp_path / "o2").exists()
+
+
+def test_grouped_query_heads_are_named_as_sharing_key_value_heads():
+    model, tok = tiny("llama")
+    e = explain(model, "ROMEO: hello", tok)
+    assert e.model.n_kv_head == 2 and json.loads(e.to_json())["model"]["n_kv_head"] == 2
+    assert "4 query heads sharing 2 key/value heads" in render_text(e, width=200)
+    model, tok = tiny()
+    assert "× 2 heads" in render_text(explain(model, "ROMEO: hello", tok), width=200)

@@ -92,13 +92,17 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """Byte-level BPE from the `tokenizers` library: any Unicode text round-trips exactly."""
+    """A tokenizer of the `tokenizers` library: potion's own byte-level BPE, or a Hugging Face model's.
+
+    eot_token ends a document and a generation: potion's <|endoftext|>, or the end-of-sequence token of a model
+    that names another (Llama 3's <|end_of_text|>, an instruct model's end of turn)."""
 
     kind = "bpe"
 
-    def __init__(self, tk):
+    def __init__(self, tk, eot_token: str = EOT):
         self.tk = tk
-        self.eot_id = tk.token_to_id(EOT)
+        self.eot_token = eot_token
+        self.eot_id = tk.token_to_id(eot_token)
         self.vocab_size = tk.get_vocab_size()
 
     @classmethod
@@ -135,15 +139,19 @@ class BPETokenizer:
         byte_of = {ch: b for b, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
         lengths = np.ones(self.vocab_size, dtype=np.int64)
         for token, i in self.tk.get_vocab().items():
-            if token != EOT:
+            if token != self.eot_token:
                 lengths[i] = len(token) if all(ch in byte_of for ch in token) else len(token.encode("utf-8"))
         return lengths
 
     def to_json(self) -> str:
-        return self.tk.to_str()
+        """A Hugging Face tokenizer.json; inside potion's own wrapper where the end token is not <|endoftext|>
+        (tokenizer.json has no field for it)."""
+        if self.eot_token == EOT:
+            return self.tk.to_str()
+        return json.dumps({"type": "potion-bpe", "eot": self.eot_token, "tokenizer": json.loads(self.tk.to_str())})
 
     def to_hf_json(self) -> str:
-        return self.to_json()  # already a Hugging Face tokenizer.json
+        return self.tk.to_str()
 
 
 Tokenizer = CharTokenizer | BPETokenizer
@@ -180,17 +188,24 @@ def tokenizer_from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
         raise PotionError(f"{source} is not valid JSON ({e}); the run directory may be damaged") from None
     if isinstance(d, dict) and d.get("type") == "potion-char":
         return CharTokenizer(checked_chars(d.get("chars"), source))
+    if isinstance(d, dict) and d.get("type") == "potion-bpe" and isinstance(d.get("tokenizer"), dict):
+        return hf_tokenizer(json.dumps(d["tokenizer"]), d.get("eot"), source)
     if isinstance(d, dict) and isinstance(d.get("model"), dict):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            tk = HFTokenizer.from_str(text)
-        except Exception as e:  # the library raises its own exception types
-            raise PotionError(f"{source} is not a readable tokenizer: {e}") from None
-        if tk.token_to_id(EOT) is None:
-            raise PotionError(f"{source} has no {EOT} token")
-        return BPETokenizer(tk)
+        return hf_tokenizer(text, EOT, source)
     raise PotionError(f"{source} is not a potion tokenizer file")
+
+
+def hf_tokenizer(text: str, eot_token, source: str) -> BPETokenizer:
+    """A Hugging Face tokenizer.json, with eot_token (one of its tokens) ending documents and generations."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        tk = HFTokenizer.from_str(text)
+    except Exception as e:  # the library raises its own exception types
+        raise PotionError(f"{source} is not a readable tokenizer: {e}") from None
+    if not isinstance(eot_token, str) or tk.token_to_id(eot_token) is None:
+        raise PotionError(f"{source} has no {eot_token} token to end a text with")
+    return BPETokenizer(tk, eot_token)
 
 
 def checked_chars(chars, source: str) -> list[str]:

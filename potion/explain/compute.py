@@ -185,17 +185,18 @@ def _checks(model, forward: TracedForward, ids: list[int], focus: int, parts_err
 
 
 def _model_summary(config, tokenizer) -> ModelSummary:
-    c = config
+    c, shapes = config, Shapes.of(config)
     return ModelSummary(
         c.n_layer,
         c.n_head,
-        Shapes.of(c).head_dim,
+        shapes.head_dim,
         c.n_embd,
         c.context_length,
         c.positions,
         c.norm,
         tokenizer.kind,
         c.vocab_size,
+        shapes.n_kv_head,
     )
 
 

@@ -198,6 +198,14 @@ class ModelSummary:
     norm: str
     tokenizer: str
     vocab_size: int
+    n_kv_head: int = 0  # key/value heads, shared by n_head / n_kv_head query heads each; 0 (older files): n_head
+
+    @property
+    def heads_text(self) -> str:
+        """ "12 heads", or "9 query heads sharing 3 key/value heads" with grouped-query attention."""
+        if self.n_kv_head and self.n_kv_head != self.n_head:
+            return f"{self.n_head} query heads sharing {self.n_kv_head} key/value heads"
+        return f"{self.n_head} heads"
 
 
 @dataclass(frozen=True)

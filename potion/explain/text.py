@@ -108,7 +108,7 @@ def header(e: Explanation, style: Style, width: int) -> str:
     focus = e.tokens[e.focus]
     lines = [
         style.bold(
-            f"potion explain: {m.n_layer} layers × {m.n_head} heads (head size {m.head_dim}), "
+            f"potion explain: {m.n_layer} layers × {m.heads_text} (head size {m.head_dim}), "
             f"{m.tokenizer} tokens, a prompt of {len(e.tokens)} tokens"
         )
         + (f", training step {e.step}" if e.step is not None else "")

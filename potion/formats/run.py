@@ -29,9 +29,9 @@ from potion.config import RunConfig
 from potion.data.tokenizer import Tokenizer, load_tokenizer
 from potion.errors import PotionError
 from potion.formats.fileio import atomic_write, atomic_write_text, is_leftover
-from potion.formats.hf.gpt2 import is_hf_model
-from potion.formats.hf.gpt2 import read_model as read_hf_model
-from potion.formats.hf.gpt2 import read_run_config as read_hf_config
+from potion.formats.hf.folder import is_hf_model
+from potion.formats.hf.folder import read_model as read_hf_model
+from potion.formats.hf.folder import read_run_config as read_hf_config
 from potion.formats.hf.hub import model_folder
 from potion.model import GPT
 from potion.train.checkpoint import load_model_state, load_tensors

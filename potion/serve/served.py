@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from potion.errors import PotionError
-from potion.formats.hf.gpt2 import is_hf_model
+from potion.formats.hf.folder import is_hf_model
 from potion.formats.run import LoadedRun, load
 
 RELOAD_CHECK_SECONDS = 2.0  # how often the weights file's modification time is looked at

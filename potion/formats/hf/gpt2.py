@@ -10,63 +10,19 @@ anything is allocated, and a pickled `pytorch_model.bin` is read with `torch.loa
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import torch
 
-from potion.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from potion.data.tokenizer import EOT, BPETokenizer, Tokenizer, tokenizer_from_json
+from potion.config import ModelConfig
+from potion.data.tokenizer import EOT, BPETokenizer
 from potion.errors import PotionError
+from potion.formats.hf.files import check_shapes, close_to, read_tensors
 
 # GELU with the tanh approximation, which is what potion's MLP computes; plain "gelu" (erf) differs slightly
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, which potion uses
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks that older GPT-2 files store with the weights
-
-
-def is_hf_model(folder: Path) -> bool:
-    """A Hugging Face model folder (config.json names a model_type), as opposed to a potion run directory."""
-    try:
-        body = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(body, dict) and "model_type" in body and "format_version" not in body
-
-
-def read_model(folder: Path) -> tuple[RunConfig, Tokenizer, dict[str, torch.Tensor]]:
-    """The run config, tokenizer and potion-named weights of a Hugging Face GPT-2 folder."""
-    config = read_run_config(folder)
-    tokenizer = read_tokenizer(folder)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise PotionError(
-            f"the tokenizer in '{folder}' has {tokenizer.vocab_size} tokens but config.json says vocab_size "
-            f"{config.model.vocab_size}"
-        )
-    return config, tokenizer, to_potion(read_weights(folder, config.model), config.model)
-
-
-def read_run_config(folder: Path) -> RunConfig:
-    """A Hugging Face GPT-2 folder's config.json as a potion run config: no training data, a byte-level BPE."""
-    model = model_config(read_json(folder / "config.json"), folder)
-    data = DataConfig(data="", tokenizer="bpe", bpe_vocab_size=model.vocab_size)
-    return RunConfig(model=model, data=data, train=TrainConfig(init_from=str(folder)))
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise PotionError(f"'{path}' is missing")
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PotionError(f"'{path}' is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise PotionError(f"'{path}' is not a JSON object")
-    return body
-
-
-# ---------------------------------------------------------------- config.json
 
 
 def model_config(hf: dict, folder: Path) -> ModelConfig:
@@ -109,10 +65,6 @@ def model_config(hf: dict, folder: Path) -> ModelConfig:
     )
 
 
-def close_to(value, wanted: float) -> bool:
-    return isinstance(value, (int, float)) and math.isclose(value, wanted)
-
-
 # ---------------------------------------------------------------- weights
 
 
@@ -152,76 +104,16 @@ def ignored(name: str, config: ModelConfig) -> bool:
     return name.endswith(BUFFERS) or (config.tie_embeddings and name == "lm_head.weight")
 
 
-def weight_files(folder: Path) -> list[Path]:
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise PotionError(f"'{index}' has no weight_map of tensor names to files")
-        return [folder / Path(name).name for name in sorted(set(weight_map.values()))]
-    if (folder / "pytorch_model.bin").is_file():
-        return [folder / "pytorch_model.bin"]
-    raise PotionError(f"'{folder}' has no weights (model.safetensors or pytorch_model.bin)")
-
-
 def read_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The GPT-2-named tensors, after checking names and shapes against config.json (from the safetensors header
     alone where the file is safetensors, so a config that claims more than the file holds allocates nothing)."""
-    files = weight_files(folder)
-    if files[0].suffix == ".safetensors":
-        headers = {name: shape for path in files for name, shape in safetensors_shapes(path).items()}
-        check_shapes(headers, config, folder)
-        tensors = {name: t for path in files for name, t in read_safetensors(path).items()}
-    else:
-        tensors = read_pickled(files[0])
-        check_shapes({name: tuple(t.shape) for name, t in tensors.items()}, config, folder)
+    tensors = read_tensors(folder, lambda found: check_gpt2_shapes(found, config, folder))
     return {gpt2_name(k): v.float() for k, v in tensors.items() if not ignored(gpt2_name(k), config)}
 
 
-def check_shapes(found: dict[str, tuple[int, ...]], config: ModelConfig, folder: Path) -> None:
+def check_gpt2_shapes(found: dict[str, tuple[int, ...]], config: ModelConfig, folder: Path) -> None:
     found = {gpt2_name(k): tuple(v) for k, v in found.items() if not ignored(gpt2_name(k), config)}
-    where = f"the weights in '{folder}' do not match its config.json"
-    for name, shape in expected_shapes(config).items():
-        if name not in found:
-            raise PotionError(f"{where}: {name} is missing")
-        if found[name] != shape:
-            raise PotionError(f"{where}: {name} has shape {list(found[name])}, config.json implies {list(shape)}")
-    extra = sorted(set(found) - set(expected_shapes(config)))
-    if extra:
-        raise PotionError(f"{where}: {extra[0]} is not part of the model config.json describes")
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception as e:  # the library's own error types; the file is damaged or not safetensors
-        raise PotionError(f"'{path}' is not a readable safetensors file ({e})") from None
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:
-        raise PotionError(f"'{path}' is not a readable safetensors file ({e})") from None
-
-
-def read_pickled(path: Path) -> dict[str, torch.Tensor]:
-    """pytorch_model.bin with torch's restricted unpickler: tensors and plain containers only, never code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and containers: never runs a stranger's code
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PotionError(f"'{path}' cannot be read safely as weights ({first[:200]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PotionError(f"'{path}' does not hold a dictionary of tensors")
-    return state
+    check_shapes(found, expected_shapes(config), folder)
 
 
 def to_potion(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -262,21 +154,6 @@ def to_potion(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, tor
 
 
 # ---------------------------------------------------------------- tokenizer
-
-
-def read_tokenizer(folder: Path) -> BPETokenizer:
-    """tokenizer.json when the folder has one, else GPT-2's vocab.json + merges.txt."""
-    if (folder / "tokenizer.json").is_file():
-        tokenizer = tokenizer_from_json(
-            (folder / "tokenizer.json").read_text(encoding="utf-8"), str(folder / "tokenizer.json")
-        )
-        if not isinstance(tokenizer, BPETokenizer):
-            raise PotionError(f"'{folder / 'tokenizer.json'}' is not a Hugging Face tokenizer")
-        return tokenizer
-    vocab, merges = folder / "vocab.json", folder / "merges.txt"
-    if not (vocab.is_file() and merges.is_file()):
-        raise PotionError(f"'{folder}' has no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
-    return gpt2_tokenizer(vocab, merges)
 
 
 def gpt2_tokenizer(vocab: Path, merges: Path) -> BPETokenizer:
