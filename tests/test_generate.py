@@ -5,7 +5,14 @@ from potion import GPT, ModelConfig, PotionError, SamplingConfig, config, genera
 from potion.data.tokenizer import CharTokenizer
 from potion.hardware import DTYPES
 from potion.infer import generate
-from potion.infer.generate import decode_one_token, decoding_dtype, decoding_model, encode_prompt, prefill
+from potion.infer.generate import (
+    decode_one_token,
+    decoding_dtype,
+    decoding_model,
+    encode_prompt,
+    generate_tokens,
+    prefill,
+)
 from potion.infer.sampling import apply_top_k, apply_top_p, draw, greedy_tokens, sample_next
 
 
@@ -205,3 +212,19 @@ def test_bf16_decode_steps_follow_the_fp32_forward_pass():
     assert cache.length == 19 and next(model.parameters()).dtype == torch.float32  # the model itself is untouched
     error = (steps - full[:, 8:19]).abs().max()
     assert 0 < error < 0.02 * full.abs().max()  # bf16 rounding, nothing more
+
+
+@pytest.mark.parametrize("temperature, draft_tokens", [(0.0, 0), (1.0, 0), (0.0, 3), (1.0, 3)])
+def test_a_padded_embedding_s_extra_rows_are_never_drawn(temperature, draft_tokens):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, context_length=32, n_layer=1, n_head=2, n_embd=32, tie_embeddings=False))
+    with torch.no_grad():
+        model.head.weight[30:] += 5.0 * model.blocks[0].mlp.down.weight.new_ones(10, 32)  # padding rows that win
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        anything = generate_tokens(model.eval(), idx, 20, temperature=temperature, eot_id=None, draft_tokens=0)
+        assert max(int(t) for t in anything) >= 30  # the padding rows would be drawn
+        limited = generate_tokens(
+            model, idx, 20, temperature=temperature, eot_id=None, vocab_size=30, draft_tokens=draft_tokens
+        )
+        assert max(int(t) for t in limited) < 30

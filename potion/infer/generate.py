@@ -182,6 +182,7 @@ def generate_tokens(
     eot_id: int | None = None,
     decode_dtype: str = "auto",
     draft_tokens: int | None = None,
+    vocab_size: int = 0,
 ) -> Iterator[torch.Tensor]:
     """Yield next-token ids (B,) one step at a time. Stops after eot_id when every row has produced it.
 
@@ -189,8 +190,9 @@ def generate_tokens(
     When the context fills up, the cache is refilled from the last half of the context, so generation can go on
     past context_length tokens (each new token then sees at most context_length - 1 earlier ones). With
     draft_tokens > 0 (or None where it pays, see drafts_per_check) the steps are speculative (potion.infer.speculate).
+    vocab_size > 0: only ids below it are drawn (the tokenizer's own, where the embedding has padding rows).
     """
-    rules = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    rules = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "vocab_size": vocab_size}
     decode_as = decoding_dtype(model, decode_dtype)
     drafts = drafts_per_check(model, idx.size(0), draft_tokens)
     if drafts > 0:
@@ -252,7 +254,7 @@ def speculative_tokens(
             before = cache.length
             drafted, drafted_probs = draft(drafter, cache, token, guesses, pick)
             verified = decoder(idx.new_tensor([[token, *drafted]]), cache=cache)[0]  # (guesses + 1, V)
-            kept, replacement = check(verified, drafted, drafted_probs, probs_of, generator)
+            kept, replacement = check(verified, drafted, drafted_probs, probs_of, generator, rules["vocab_size"])
             cache.length = before + 1 + kept  # the rejected positions are overwritten later
             logits = verified[kept : kept + 1]
             new += drafted[:kept]
@@ -345,6 +347,7 @@ def continuation(
         eot_id=tokenizer.eot_id,
         decode_dtype=sampling.decode_dtype,
         draft_tokens=sampling.draft_tokens,
+        vocab_size=tokenizer.vocab_size,  # a padded embedding's extra rows are never drawn
     )
     new_ids: list[int] = []
     text, shown, reason = "", 0, "length"

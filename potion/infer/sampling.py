@@ -35,9 +35,14 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def token_probs(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor | None:
-    """logits (B, V) -> the probabilities the next token is drawn with (B, V); None for greedy (temperature 0)."""
-    logits = logits.float()
+def token_probs(
+    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, vocab_size: int = 0
+) -> torch.Tensor | None:
+    """logits (B, V) -> the probabilities the next token is drawn with (B, V); None for greedy (temperature 0).
+
+    vocab_size > 0: only the first vocab_size tokens can be drawn (probabilities (B, vocab_size)): a model may pad
+    its embedding with rows no token of its tokenizer has."""
+    logits = in_vocabulary(logits, vocab_size).float()
     refuse_damage(logits.max(dim=-1).values)
     if temperature == 0:
         return None
@@ -55,21 +60,31 @@ def refuse_damage(top: torch.Tensor) -> None:
         raise not_finite()
 
 
-def sample_next(
-    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
-    return sample_with_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)[0]
+def sample_next(logits: torch.Tensor, *, generator: torch.Generator | None = None, **rules) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). rules: temperature (0 is greedy), top_k (0 is off), top_p (1 is off),
+    vocab_size (see token_probs)."""
+    return sample_with_probs(logits, generator=generator, **rules)[0]
 
 
 def sample_with_probs(
-    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    vocab_size: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sample_next, also returning the probabilities the tokens were drawn with (None for greedy)."""
     if temperature == 0:
-        return greedy_tokens(logits), None
-    probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        return greedy_tokens(in_vocabulary(logits, vocab_size)), None
+    probs = token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size)
     return draw(probs, generator), probs
+
+
+def in_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The logits of the first vocab_size tokens (all of them for 0)."""
+    return logits[..., :vocab_size] if 0 < vocab_size < logits.size(-1) else logits
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

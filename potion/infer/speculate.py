@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from potion.infer.sampling import draw, greedy_tokens
+from potion.infer.sampling import draw, greedy_tokens, in_vocabulary
 from potion.model.attention import fuse_projections
 from potion.model.cache import KVCache
 
@@ -156,7 +156,9 @@ def draft(drafter, cache: KVCache, token: int, k: int, pick: Callable) -> tuple[
     return tokens, probs
 
 
-def check(logits: torch.Tensor, drafted: list[int], drafted_probs: list, probs_of: Callable, generator):
+def check(
+    logits: torch.Tensor, drafted: list[int], drafted_probs: list, probs_of: Callable, generator, vocab_size: int = 0
+):
     """Compare the decoder's logits (k + 1, V) with k drafted tokens.
 
     Returns how many drafts stand and the token after them: the decoder's replacement for the first rejected
@@ -164,7 +166,7 @@ def check(logits: torch.Tensor, drafted: list[int], drafted_probs: list, probs_o
     probabilities None) are checked all at once against the decoder's choices, which also give the token after.
     """
     if drafted_probs[0] is None:
-        choices = greedy_tokens(logits).tolist()
+        choices = greedy_tokens(in_vocabulary(logits, vocab_size)).tolist()
         kept = next((i for i, (own, guess) in enumerate(zip(choices, drafted)) if own != guess), len(drafted))
         return kept, choices[kept]
     for i, token in enumerate(drafted):
