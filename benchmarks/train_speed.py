@@ -34,7 +34,8 @@ from potion.data.tokens import prepare  # noqa: E402
 from potion.formats.run import read_config  # noqa: E402
 from potion.hardware import pick_device, pick_dtype  # noqa: E402
 from potion.model import GPT  # noqa: E402
-from potion.train.loop import LOG_EVERY, train, wants_compile  # noqa: E402
+from potion.train.loop import LOG_EVERY, train  # noqa: E402
+from potion.train.setup import wants_compile  # noqa: E402
 
 
 def reference_speed(model_config, batch: int, steps: int, threads: int, device: torch.device) -> dict:

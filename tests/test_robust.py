@@ -29,6 +29,7 @@ from potion.model import GPT
 from potion.train import optim as potion_optim
 from potion.train.loop import train
 from potion.train.optim import make_optimizer
+from potion.train.state import LogWindow, LoopState
 
 training_loop = importlib.import_module("potion.train.loop")  # the module: potion.train is also the function
 ROOT = Path(__file__).resolve().parents[1]
@@ -452,8 +453,8 @@ def test_training_steps_do_not_read_back_from_the_device(corpus, tmp_path, monke
     monkeypatch.setattr(training_loop, "host_read_interval", lambda device: 10)  # what a GPU gets
     monkeypatch.setattr(potion_optim, "read_for_free", lambda flag: False)  # and Muon's rule for a GPU
     counted_reads = []  # the non-finite counts come back in one .tolist(), which the dispatch mode cannot see
-    real_read = training_loop.StepTally.read
-    monkeypatch.setattr(training_loop.StepTally, "read", lambda self: counted_reads.append(1) or real_read(self))
+    real_read = potion_optim.StepTally.read
+    monkeypatch.setattr(potion_optim.StepTally, "read", lambda self: counted_reads.append(1) or real_read(self))
     with HostReads() as reads:
         train(tiny_config(corpus, "max_steps=60", "eval_every=1000"), tmp_path / "run", quiet=True)
     # 60 steps, evaluated at the start and the end: the loss is read back every 10 steps, never once per step
@@ -621,9 +622,9 @@ def test_validation_only_evaluations_leave_training_unchanged(corpus, tmp_path):
 
 
 def test_loop_state_round_trips_through_state_json_and_reads_the_older_window_list():
-    state = training_loop.LoopState(step=40, tokens=4096, best_val_loss=1.5, nonfinite_steps=3)
-    state.log_window = training_loop.LogWindow(steps=7, nonfinite=1, loss_sum=12.25)
+    state = LoopState(step=40, tokens=4096, best_val_loss=1.5, nonfinite_steps=3)
+    state.log_window = LogWindow(steps=7, nonfinite=1, loss_sum=12.25)
     saved = json.loads(json.dumps({**dataclasses.asdict(state), "val_loss": None}))
-    assert training_loop.LoopState.from_dict(saved) == state
+    assert LoopState.from_dict(saved) == state
     older = {**saved, "log_window": [12.25, 7, 6, 1]}  # sum, steps, finite steps, non-finite steps
-    assert training_loop.LoopState.from_dict(older) == state
+    assert LoopState.from_dict(older) == state

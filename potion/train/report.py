@@ -8,9 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -24,9 +22,7 @@ from potion.infer.generate import generate_tokens
 from potion.model import GPT
 from potion.parallel.world import is_main, world
 from potion.train.evaluate import bits_per_byte
-
-if TYPE_CHECKING:
-    from potion.train.loop import Training
+from potion.train.state import Progress, Training
 
 PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
 
@@ -35,25 +31,6 @@ def log(message: str) -> None:
     """A line on the terminal; with several processes, rank 0's only."""
     if is_main():
         tqdm.write(message, file=sys.stderr)
-
-
-@dataclass
-class Progress:
-    """What the loop times and reports; not saved (a resumed run starts its clocks again)."""
-
-    started: float
-    first_step: int
-    bar: tqdm
-    flops_per_token: int
-    peak_tflops: float  # the matmul peak measured here: model FLOPs utilisation (MFU) is relative to it
-    train_seconds: float = 0.0  # time in training steps only, evaluation excluded
-    window_started: float = field(default_factory=time.time)
-    last_plot: float = 0.0
-    learning_rate: float = 0.0
-    nonfinite_in_a_row: int = 0  # as last read; while > 0 nothing is checkpointed
-    best_step: int | None = None  # the step whose evaluation set the best validation loss in this session
-    train_loss: float | None = math.nan  # of the last evaluation
-    val_loss: float = math.nan
 
 
 def start_progress(

@@ -1,0 +1,277 @@
+"""Setting a run up: its directory, device, data, model and optimizers, a checkpoint restored when resuming, and
+the run's files written; then, when the loop is done, closing what it opened. `training` does it all around the
+loop, as a `with` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from potion.config import RunConfig, check_architecture
+from potion.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
+from potion.data.tokens import Batches, absolute_data, fixed_batches, prepare
+from potion.errors import PotionError
+from potion.explain import check_probe
+from potion.formats.fileio import atomic_write_text
+from potion.formats.run import (
+    RunLock,
+    RunLog,
+    SavedRun,
+    check_resumable,
+    find_run,
+    load,
+    new_run_dir,
+    refuse_existing,
+    remove_leftovers,
+    with_vocabulary,
+    write_config,
+)
+from potion.hardware import compiles_by_default, keep_freed_memory, maybe_compile, pick_device, pick_dtype, set_threads
+from potion.model import GPT
+from potion.parallel import world as distributed
+from potion.parallel.world import is_main
+from potion.train import checkpoint as ckpt
+from potion.train.evaluate import bytes_per_token
+from potion.train.optim import StepTally, make_optimizer
+from potion.train.preflight import check_training_fits, check_weights_match
+from potion.train.report import log, start_progress
+from potion.train.state import LoopState, Training
+
+
+@contextlib.contextmanager
+def training(
+    config: RunConfig, out: str | Path | SavedRun | None = None, resume: bool = False, quiet: bool = False
+) -> Iterator[Training]:
+    """A run set up (or resumed) and locked for the loop; on leaving, its signal handlers, progress bar and log are
+    closed. Bad input is refused before anything is written."""
+    started = time.time()
+    main = is_main()  # with several processes (torchrun), rank 0 alone writes the run directory and reports
+    quiet = quiet or not main
+    config = replace(config, data=replace(config.data, data=absolute_data(config.data.data)))
+    run_dir = distributed.from_main(lambda: resumed_run_dir(out, config) if resume else Path(out or new_run_dir()))
+    if not resume and main:
+        refuse_existing(run_dir)
+    device = distributed.own_device(pick_device(config.train.device))
+    tokenizer, init_weights = fine_tune_source(config, run_dir, resume)
+    token_file = distributed.in_turn(lambda: prepare(config.data, tokenizer=tokenizer, quiet=quiet))
+    token_file = tokens_as_on_main(config, token_file, quiet)
+    config = with_vocabulary(config, token_file.tokenizer)
+    data = training_data(config, token_file)
+    if not resume:  # a resumed run's weights are checked first, in start()
+        check_training_fits(config, device.type)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+    with RunLock(run_dir) if main else contextlib.nullcontext():
+        if main:
+            if not resume:
+                refuse_existing(run_dir)  # another training may have filled it since the first look
+            remove_leftovers(run_dir)
+        t = start(config, run_dir, device, token_file.tokenizer, data, resume, quiet, started, init_weights)
+        try:
+            yield t
+        finally:
+            finish(t)
+
+
+def finish(t: Training) -> None:
+    """Close what the run opened."""
+    t.stop_request.restore()
+    t.progress.bar.close()
+    if t.run_log is not None:
+        t.run_log.close()
+
+
+def resumed_run_dir(out: str | Path | SavedRun | None, config: RunConfig) -> Path:
+    saved = out if isinstance(out, SavedRun) else find_run(out)
+    check_resumable(saved.path, saved.config, config)
+    return saved.path
+
+
+def fine_tune_source(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Tokenizer | None, dict | None]:
+    """With init_from: the tokenizer the data is tokenized with, and the weights training starts from (none when
+    resuming from a checkpoint, which holds its own). Without: nothing; the data's own tokenizer is trained."""
+    if not config.train.init_from:
+        return None, None
+    if resume and ckpt.complete_checkpoints(run_dir):
+        return load_tokenizer(run_dir / "tokenizer.json"), None
+    source = load(config.train.init_from)
+    check_architecture(config.model, source.config.model, config.train.init_from)
+    weights = ckpt.model_state(source.model)
+    if config.model.positions == "learned":  # a shorter context keeps the first rows of the position table
+        weights["position_embedding.weight"] = weights["position_embedding.weight"][: config.model.context_length]
+    return source.tokenizer, weights
+
+
+def tokens_as_on_main(config: RunConfig, token_file, quiet: bool):
+    """The token file, made with rank 0's tokenizer: a machine that did not share rank 0's token cache trained its
+    own tokenizer, and every process must give each token the same id."""
+    if not distributed.world().launched:
+        return token_file
+    mine = token_file.tokenizer.to_json()
+    theirs = distributed.from_main(lambda: mine)
+    return token_file if mine == theirs else prepare(config.data, tokenizer=tokenizer_from_json(theirs), quiet=quiet)
+
+
+def training_data(config: RunConfig, token_file) -> tuple[Batches, dict, int]:
+    """The training batches (this process's rows of them), the fixed evaluation batches (whole), and the number
+    of training tokens."""
+    tc, T = config.train, config.model.context_length
+    distributed.check_batch(tc.batch_size)
+    train_tokens, val_tokens = token_file.split(config.data.val_fraction)
+    if tc.probe:
+        check_probe(token_file.tokenizer, tc.probe, T)  # fail now, not after the first evaluation
+    batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training", distributed.my_rows(tc.batch_size))
+    eval_sets = {
+        "train": fixed_batches(train_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 1, "training"),
+        "val": fixed_batches(val_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 2, "validation"),
+    }
+    return batches, eval_sets, len(train_tokens)
+
+
+def start(
+    config: RunConfig,
+    run_dir: Path,
+    device: torch.device,
+    tokenizer: Tokenizer,
+    data: tuple,
+    resume: bool,
+    quiet: bool,
+    started: float,
+    init_weights: dict | None = None,
+) -> Training:
+    """Build the model and optimizers, restore a checkpoint if resuming, then write the run's config and tokenizer."""
+    batches, eval_sets, n_train_tokens = data
+    dtype = pick_dtype(config.train.dtype, device)
+    if device.type == "cpu":
+        set_threads()
+        keep_freed_memory()
+    model, shared, parallel, optimizers, restored = build_or_restore(
+        config, run_dir, device, dtype, resume, init_weights
+    )
+    state = LoopState() if restored is None else resume_from(restored, batches, run_dir, config)
+    if is_main():  # only now: a checkpoint that cannot be resumed leaves the run as it was
+        write_run_files(run_dir, config, tokenizer)
+    progress = start_progress(
+        config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir, parallel
+    )
+    compile_model = wants_compile(config, device, dtype, progress.flops_per_token, progress.peak_tflops, state.step)
+    cuda_graphs = compile_model and uses_cuda_graphs(device, parallel)
+    if compile_model and not quiet:
+        log("potion: compiling the model at the first step (a minute or so; --set compile=off skips it)")
+    main = is_main()
+    return Training(
+        config=config,
+        run_dir=run_dir,
+        device=device,
+        dtype=dtype,
+        model=model,
+        shared=shared,
+        parallel=parallel,
+        compiled=maybe_compile(shared, compile_model, cuda_graphs=cuda_graphs),
+        cuda_graphs=cuda_graphs,
+        optimizers=optimizers,
+        tokenizer=tokenizer,
+        batches=batches,
+        eval_sets={name: [(x[batches.rows], y[batches.rows]) for x, y in split] for name, split in eval_sets.items()},
+        val_bytes_per_token=bytes_per_token(tokenizer, eval_sets["val"]),
+        run_log=RunLog(run_dir / "log.jsonl", state.step if resume else None) if main else None,
+        tally=StepTally(
+            device, optimizers, state.nonfinite_steps, state.log_window.nonfinite, state.log_window.loss_sum
+        ),
+        state=state,
+        progress=progress,
+        stop_request=distributed.stop_request(),
+        resumed_at=state.step if restored else None,
+        last_saved=restored[0] if restored else None,
+        quiet=quiet,
+    )
+
+
+def write_run_files(run_dir: Path, config: RunConfig, tokenizer: Tokenizer) -> None:
+    """config.json (a resumed run's too: when and how long it trains may have changed), and tokenizer.json."""
+    write_config(run_dir, config)
+    if not (run_dir / "tokenizer.json").is_file():
+        atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_json())
+
+
+def build_or_restore(
+    config: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype, resume: bool, init_weights: dict | None
+) -> tuple:
+    """build_model's four, and when resuming from a checkpoint (path, saved state, random generator states) with
+    the weights and optimizer states loaded (else None)."""
+    checkpoint = distributed.from_main(lambda: ckpt.latest_checkpoint(run_dir)) if resume else None
+    if resume:
+        check_resumed_weights(config, run_dir, checkpoint)
+        check_training_fits(config, device.type)
+        if checkpoint is None:
+            log(f"potion: {run_dir} has no checkpoint yet; starting it from step 0")
+    model, shared, parallel, optimizers = build_model(config, device, dtype, init_weights)
+    restored = (checkpoint, *ckpt.load_checkpoint(checkpoint, model, optimizers)) if checkpoint else None
+    return model, shared, parallel, optimizers, restored
+
+
+def wants_compile(
+    config: RunConfig, device: torch.device, dtype: torch.dtype, flops_per_token: int, peak_tflops: float, step: int
+) -> bool:
+    """compile = "on" or "off" as set; "auto" as hardware.compiles_by_default finds for the steps still to run."""
+    tc = config.train
+    if tc.compile != "auto":
+        return tc.compile == "on"
+    tokens = (tc.max_steps - step) * config.tokens_per_step * distributed.world().size
+    return compiles_by_default(device, dtype, tokens * flops_per_token, peak_tflops, tc.max_time)
+
+
+def uses_cuda_graphs(device: torch.device, parallel: str) -> bool:
+    """Compiled steps replay as CUDA graphs on one GPU; with several processes the gradient hooks of DDP and FSDP2
+    run between the kernels, outside any graph."""
+    return device.type == "cuda" and not parallel
+
+
+def build_model(config: RunConfig, device: torch.device, dtype: torch.dtype, init_weights: dict | None) -> tuple:
+    """(the model, the model as the processes share it, ddp | fsdp | "", the optimizers). Every process builds the
+    same weights from the same seed (and files); then each draws its own dropout."""
+    torch.manual_seed(config.train.seed)  # the initial weights, and dropout's draws from here on
+    model = GPT(config.model)
+    if init_weights is not None:
+        ckpt.load_model_state(model, init_weights, config.train.init_from)
+    model.to(device)
+    if distributed.world().rank:
+        torch.manual_seed(config.train.seed + distributed.world().rank)
+    shared, parallel = distributed.parallelize(model, config.train.parallel, device, dtype)
+    return model, shared, parallel, make_optimizer(model, config.train, device.type)
+
+
+def check_resumed_weights(config: RunConfig, run_dir: Path, checkpoint: Path | None) -> None:
+    """Before the model is allocated: a resumed run's config.json (perhaps a stranger's) against the weights it
+    would load (or those it would replace, when it has no checkpoint yet)."""
+    weights = checkpoint / "model.safetensors" if checkpoint else run_dir / "model.safetensors"
+    if weights.is_file():
+        check_weights_match(config.model, weights)
+
+
+def resume_from(restored: tuple, batches: Batches, run_dir: Path, config: RunConfig) -> LoopState:
+    """The loop state of a restored checkpoint, with the data order and random generators where it left them."""
+    path, saved, rng = restored
+    try:
+        state = LoopState.from_dict(saved)
+        batches.set_state(saved["batches"])
+        own_generators = ckpt.restore_rng(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # numpy's and torch's own checks, and ours
+        raise PotionError(f"'{path / 'state.json'}' cannot be resumed from ({type(e).__name__}: {e})") from None
+    if not own_generators:  # a rank the saving run did not have: its own dropout draws, as a new run's
+        torch.manual_seed(config.train.seed + distributed.world().rank + state.step)
+    log(f"potion: resuming {run_dir} from step {state.step} (best validation loss {state.best_val_loss:.4f})")
+    saved_by, now = saved.get("world_size", 1), distributed.world().size
+    if saved_by != now:
+        dropout = ", and dropout draws differently" if config.model.dropout > 0 else ""
+        log(
+            f"potion: warning: {path.name} was saved by {saved_by} process(es) and continues on {now}: the same "
+            f"tokens at every step, the same numbers up to float rounding, not bit for bit{dropout}"
+        )
+    return state
