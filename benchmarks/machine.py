@@ -23,8 +23,9 @@ import torch
 
 # The benchmarks describe the machine the way potion itself sees it (its bf16 and thread choices).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# matmul_peak_tflops is potion's own, so that the benchmarks' MFU and the training progress bar's compare.
-from potion.hardware import cpu_flags, matmul_peak_tflops, physical_cores, synchronize  # noqa: E402
+# matmul_peak is potion's own (the best over matmul sizes), so that the benchmarks' MFU and the training progress
+# bar's compare.
+from potion.hardware import cpu_flags, matmul_peak, physical_cores, synchronize  # noqa: E402
 
 
 def _cpuinfo_text() -> str:
@@ -121,9 +122,10 @@ def read_log(run_dir: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    # `python benchmarks/machine.py`: describe this machine and its matmul ceilings.
+    # `python benchmarks/machine.py`: describe this machine and its matmul ceilings, with the size that reached each.
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     info = machine_info(dev)
-    fp32 = matmul_peak_tflops(dev, torch.float32)
-    bf16 = matmul_peak_tflops(dev, torch.bfloat16)
-    emit({"benchmark": "machine", **info, "matmul_tflops_fp32": round(fp32, 4), "matmul_tflops_bf16": round(bf16, 4)})
+    peaks = {name: matmul_peak(dev, dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    figures = {f"matmul_tflops_{name}": round(peak.tflops, 4) for name, peak in peaks.items()}
+    figures |= {f"matmul_size_{name}": peak.size for name, peak in peaks.items()}
+    emit({"benchmark": "machine", **info, **figures})

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from chardata import DEFAULT_DATA, fixed_val_batches, load_chars, sample_batch, val_windows
-from machine import emit, matmul_peak_tflops, physical_cores, result, synchronize
+from machine import emit, matmul_peak, physical_cores, result, synchronize
 
 from potion.hardware import DTYPES  # the precisions potion trains in, by the names its config uses
 
@@ -252,6 +252,7 @@ def run_speed(args, model, train_ids, tokens_per_step):
     )
     timed = secs[warmup:]
     median = statistics.median(timed)
+    peak = matmul_peak(args.device, DTYPES[args.dtype])
     # Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores.
     flops_per_token = 6 * model.num_params() + 6 * args.n_layer * args.n_embd * args.context
     return dict(
@@ -262,7 +263,7 @@ def run_speed(args, model, train_ids, tokens_per_step):
         ms_per_step_max=round(max(timed) * 1e3, 2),
         tokens_per_second=round(tokens_per_step / median, 1),
         model_tflops=round(flops_per_token * tokens_per_step / median / 1e12, 4),
-        **{f"matmul_peak_tflops_{args.dtype}": round(matmul_peak_tflops(args.device, DTYPES[args.dtype]), 4)},
+        **{f"matmul_peak_tflops_{args.dtype}": round(peak.tflops, 4), f"matmul_peak_size_{args.dtype}": peak.size},
     )
 
 

@@ -5,7 +5,8 @@ optimizer), then the reference (benchmarks/reference_gpt.py, the same shape, voc
 eager AdamW on a CPU; bf16, compiled, fused AdamW on a GPU). potion logs tokens/s every 10 steps; the first window
 (allocator growth, compilation) is dropped and the median of the rest is reported. Its model FLOP/s is given as a
 fraction of the best matmul peak the device reaches in any precision potion can train in (fp32, bf16), measured
-in this run by the routine the progress bar's MFU uses, and as MFU against the peak of the precision it picked.
+in this run by the routine the progress bar's MFU uses (the best over matmul sizes, reported with the size that
+reached it), and as MFU against the peak of the precision it picked.
 
 Usage (from the project root):
     python benchmarks/train_speed.py --preset shakespeare-char --steps 30
@@ -27,12 +28,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from chardata import DEFAULT_DATA  # noqa: E402
-from machine import dtype_name, emit, matmul_peak_tflops, read_log, result, run_json  # noqa: E402
+from machine import dtype_name, emit, matmul_peak, read_log, result, run_json  # noqa: E402
 
 from potion.config import resolve  # noqa: E402
 from potion.data.tokens import prepare  # noqa: E402
 from potion.formats.run import read_config  # noqa: E402
-from potion.hardware import pick_device, pick_dtype  # noqa: E402
+from potion.hardware import MatmulPeak, pick_device, pick_dtype  # noqa: E402
 from potion.model import GPT  # noqa: E402
 from potion.train.loop import LOG_EVERY, train  # noqa: E402
 from potion.train.setup import wants_compile  # noqa: E402
@@ -81,7 +82,7 @@ def compile_as_in_full_run(preset: str, overrides: list[str]) -> str:
     vocab_size = prepare(config.data, quiet=True).tokenizer.vocab_size
     with torch.device("meta"):
         flops = GPT(replace(config.model, vocab_size=vocab_size)).training_flops_per_token()
-    on = wants_compile(config, device, dtype, flops, matmul_peak_tflops(device, dtype), step=0)
+    on = wants_compile(config, device, dtype, flops, matmul_peak(device, dtype).tflops, step=0)
     return f"compile={'on' if on else 'off'}"
 
 
@@ -109,17 +110,19 @@ def potion_speed(preset: str, overrides: list[str], steps: int) -> dict:
     return config, summary, windows
 
 
-def precision_peaks(device: torch.device) -> dict[str, float]:
-    """The matmul peak of every precision potion can train in, measured now with the one shared routine: the best
-    of them is the limit potion's throughput is held to, whichever precision it picked.
+def precision_peaks(device: torch.device) -> dict[str, MatmulPeak]:
+    """The matmul peak of every precision potion can train in (the best over matmul sizes, with the size that
+    reached it), measured now with the one shared routine: the best of them is the limit potion's throughput is held
+    to, whichever precision it picked.
 
     Measured again after the run and the higher figure kept, since other work only ever slows a matmul down: the
     figure cached at the run's start once read 0.51 TFLOP/s against 1.21-1.40 in every other run on the same CPU, and
     made that run 94% of its peak."""
     dtypes = (torch.float32, torch.bfloat16)
-    at_start = {dtype: matmul_peak_tflops(device, dtype) for dtype in dtypes}
-    matmul_peak_tflops.cache_clear()
-    return {dtype_name(dtype): max(at_start[dtype], matmul_peak_tflops(device, dtype)) for dtype in dtypes}
+    at_start = {dtype: matmul_peak(device, dtype) for dtype in dtypes}
+    matmul_peak.cache_clear()
+    again = {dtype: matmul_peak(device, dtype) for dtype in dtypes}
+    return {dtype_name(dtype): max(at_start[dtype], again[dtype], key=lambda p: p.tflops) for dtype in dtypes}
 
 
 def main(argv=None) -> None:
@@ -141,7 +144,7 @@ def main(argv=None) -> None:
         tokens_per_second = statistics.median(windows)
         flops = GPT(m).training_flops_per_token()
         peaks = precision_peaks(device)
-        best_dtype, peak = max(peaks.items(), key=lambda item: item[1])
+        best_dtype, peak = max(peaks.items(), key=lambda item: item[1].tflops)
         record = {
             **result("train_speed", device, dtype, threads),
             "preset": preset,
@@ -155,10 +158,12 @@ def main(argv=None) -> None:
             "potion_tokens_per_second": round(tokens_per_second, 1),
             "potion_windows_tokens_per_second": windows,
             "potion_tflops": round(flops * tokens_per_second / 1e12, 4),
-            **{f"matmul_peak_tflops_{name}": round(tflops, 4) for name, tflops in peaks.items()},
+            **{f"matmul_peak_tflops_{name}": round(p.tflops, 4) for name, p in peaks.items()},
+            **{f"matmul_peak_size_{name}": p.size for name, p in peaks.items()},  # the matmul size that reached it
             "best_peak_dtype": best_dtype,
-            "potion_fraction_of_best_peak": round(flops * tokens_per_second / 1e12 / peak, 4),
-            "potion_mfu_own_dtype": round(flops * tokens_per_second / 1e12 / peaks[dtype_name(dtype)], 4),
+            "best_peak": str(peak),  # e.g. "2.81 TFLOP/s, bf16 matmul at 2048"
+            "potion_fraction_of_best_peak": round(flops * tokens_per_second / 1e12 / peak.tflops, 4),
+            "potion_mfu_own_dtype": round(flops * tokens_per_second / 1e12 / peaks[dtype_name(dtype)].tflops, 4),
         }
         if not args.no_reference:
             ref = reference_speed(m, config.train.batch_size, args.reference_steps, threads, device)

@@ -1,13 +1,15 @@
-"""What the machine can do: which device, which precision, how many threads."""
+"""What the machine can do: which device, which precision, how many threads, how fast a matmul runs."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import functools
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -46,6 +48,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -99,47 +102,76 @@ def synchronize(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
-def matmul_size(device: torch.device, dtype: torch.dtype) -> int:
-    """Big enough to keep the device's matrix units busy, small enough to measure in well under a second.
+@dataclass(frozen=True)
+class MatmulPeak:
+    """The most TFLOP/s a square matmul reached on one device in one precision, and the size that reached it:
+    the yardstick of model FLOPs utilisation (MFU)."""
 
-    A data-centre GPU needs 8192 to saturate. On a 2-core CPU 1024 measured within 2% of 2048 in an eighth of the
-    time. bf16 on a CPU without bf16 hardware is emulated: at 1024 a single call would take seconds, so 256.
-    """
+    tflops: float
+    size: int
+    dtype: str  # bf16 | fp32, as the config names it
+
+    def __str__(self) -> str:
+        return f"{self.tflops:.2f} TFLOP/s, {self.dtype} matmul at {self.size}"
+
+
+def matmul_sizes(device: torch.device, dtype: torch.dtype) -> tuple[int, ...]:
+    """The square sizes the peak is measured at, small to large: each doubling may still gain. On an AMX CPU bf16
+    reached 1.57 TFLOP/s at 1024 and 2.81 at 2048; a data-centre GPU needs 8192 to saturate. bf16 on a CPU without
+    bf16 hardware is emulated: at 1024 a single call would take seconds, so 256 alone."""
     if device.type == "cuda":
-        return 8192
+        return (2048, 4096, 8192)
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
-        return 256
-    return 1024
+        return (256,)
+    return (1024, 2048, 4096)
+
+
+MATMUL_CALL_SECONDS = 0.25  # the next size is measured only while one call of it would take at most this long
+MATMUL_SIZE_SECONDS = 0.2  # the timed calls at one size stop after this many seconds (and at least two calls)
 
 
 @functools.lru_cache(maxsize=8)
-def matmul_peak_tflops(
-    device: torch.device | str, dtype: torch.dtype, size: int | None = None, repeats: int = 10
-) -> float:
-    """Measured TFLOP/s of a square matmul in this dtype: the yardstick for model FLOPs utilisation (MFU).
+def matmul_peak(device: torch.device | str, dtype: torch.dtype) -> MatmulPeak:
+    """The best TFLOP/s of a square matmul in this dtype over matmul_sizes, measured once per (device, dtype).
 
-    The training progress bar and the benchmarks both use it, so their MFU figures compare. Two untimed calls
-    first (thread pools, allocator, GPU clocks), then the best of `repeats` timed ones: other work on the
-    machine only ever adds time, so the fastest call is the steadiest estimate of what the hardware can do.
+    The training progress bar and the benchmarks both use it, so their MFU figures compare. Each size is the
+    fastest of a few calls: other work on the machine only ever adds time. A size whose call would take longer
+    than MATMUL_CALL_SECONDS (8 times the last one's) is left out, so that a slow device, which its smaller sizes
+    already keep busy, measures in about a second; the size that reached the peak is part of the figure.
     """
     device = torch.device(device)
-    n = size or matmul_size(device, dtype)
-    # Its own generator: the global RNG belongs to training (exact resume). On the GPU, so 8192^2 numbers
-    # are not drawn by the CPU and copied over.
+    sizes = matmul_sizes(device, dtype)
+    # Its own generator: the global RNG belongs to training (exact resume). On the GPU, so the numbers are not
+    # drawn by the CPU and copied over. One block of the smallest size, tiled: drawing 4096^2 numbers on a CPU
+    # would take longer than multiplying them.
     where = device if device.type == "cuda" else torch.device("cpu")
     generator = torch.Generator(where).manual_seed(0)
-    a = torch.randn(n, n, generator=generator, device=where).to(device, dtype)
-    b = torch.randn(n, n, generator=generator, device=where).to(device, dtype)
-    for _ in range(2):
+    a, b = (torch.randn(sizes[0], sizes[0], generator=generator, device=where).to(device, dtype) for _ in "ab")
+    best = None
+    for n in sizes:
+        reps = n // sizes[0]
+        seconds = fastest_matmul(a.repeat(reps, reps), b.repeat(reps, reps), warmup=2 if n == sizes[0] else 0)
+        peak = MatmulPeak(2 * n**3 / seconds / 1e12, n, DTYPE_NAMES[dtype])
+        best = peak if best is None or peak.tflops > best.tflops else best
+        if 8 * seconds > MATMUL_CALL_SECONDS:
+            break
+    return best
+
+
+def fastest_matmul(a: torch.Tensor, b: torch.Tensor, warmup: int = 0, repeats: int = 10) -> float:
+    """Seconds of the fastest of up to `repeats` timed calls of a @ b (fewer once MATMUL_SIZE_SECONDS are spent),
+    after `warmup` untimed ones (thread pools, allocator, GPU clocks)."""
+    for _ in range(warmup):
         torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
+    best, spent, calls = math.inf, 0.0, 0
+    while calls < 2 or (calls < repeats and spent < MATMUL_SIZE_SECONDS):
+        synchronize(a.device)
         started = time.perf_counter()
         torch.mm(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return 2 * n**3 / best / 1e12
+        synchronize(a.device)
+        seconds = time.perf_counter() - started
+        best, spent, calls = min(best, seconds), spent + seconds, calls + 1
+    return best
 
 
 def set_threads(n: int | None = None) -> int:

@@ -36,15 +36,16 @@ def test_compile_by_default_for_runs_long_enough_to_repay_it():
 
 def test_matmul_peak_leaves_the_global_random_state_alone():
     before = torch.get_rng_state()
-    hardware.matmul_peak_tflops.cache_clear()
-    assert hardware.matmul_peak_tflops(torch.device("cpu"), torch.float32) > 0
+    hardware.matmul_peak.cache_clear()
+    peak = hardware.matmul_peak(torch.device("cpu"), torch.float32)
+    assert peak.tflops > 0 and peak.size in hardware.matmul_sizes(torch.device("cpu"), torch.float32)
     assert torch.equal(before, torch.get_rng_state())
 
 
 def test_matmul_peak_stays_quick_where_bf16_is_emulated(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert hardware.matmul_size(cpu, torch.bfloat16) < hardware.matmul_size(cpu, torch.float32)
+    assert max(hardware.matmul_sizes(cpu, torch.bfloat16)) < min(hardware.matmul_sizes(cpu, torch.float32))
 
 
 def resident_bytes() -> int:

@@ -17,7 +17,7 @@ from potion.config import RunConfig
 from potion.data.tokenizer import Tokenizer
 from potion.explain import save_probe
 from potion.formats.run import plot_losses
-from potion.hardware import matmul_peak_tflops
+from potion.hardware import matmul_peak
 from potion.infer.generate import generate_tokens
 from potion.model import GPT
 from potion.parallel.world import is_main, world
@@ -25,6 +25,7 @@ from potion.train.evaluate import bits_per_byte
 from potion.train.state import Progress, Training
 
 PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
+RATE_SMOOTHING = 0.3  # the weight of the latest window in the seconds per step that "left=" is reckoned from
 
 
 def log(message: str) -> None:
@@ -45,14 +46,15 @@ def start_progress(
     run_dir: Path,
     parallel: str = "",
 ) -> Progress:
-    """Say what is about to train, and start the progress bar where the run stands."""
-    processes = world().size
+    """Say what is about to train (and the matmul peak its MFU is of), and start the progress bar where the run
+    stands."""
+    processes, peak = world().size, matmul_peak(device, dtype)
     if not quiet:
         shared = f", {processes} processes ({parallel}, {world().backend})" if parallel else ""
         log(
             f"potion: {model.num_parameters() / 1e6:.2f}M parameters, {train_tokens:,} training tokens, device "
-            f"{device.type}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads{shared} -> "
-            f"{run_dir}"
+            f"{device.type}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads{shared}; MFU of "
+            f"{peak}{' per device' if parallel else ''} -> {run_dir}"
         )
     bar = tqdm(
         total=config.train.max_steps,
@@ -67,7 +69,8 @@ def start_progress(
         first_step=first_step,
         bar=bar,
         flops_per_token=model.training_flops_per_token(),
-        peak_tflops=matmul_peak_tflops(device, dtype) * processes,  # tokens/s counts all the processes' devices
+        peak=peak,
+        processes=processes,
         last_plot=started,
     )  # the first plot: a curve
 
@@ -123,11 +126,12 @@ def sample_text(model: GPT, tokenizer: Tokenizer, n_tokens: int, seed: int, devi
 def report_window(t: Training) -> float:
     """The train row of log.jsonl for the steps since the last one, and the progress bar's figures; returns the
     time the window ends at."""
-    progress, window = t.progress, t.state.log_window
+    progress, window, tc = t.progress, t.state.log_window, t.config.train
     finite = window.steps - window.nonfinite
     batch_loss = float(t.tally.loss_sum) / finite if finite else None
     now = time.time()
-    speed = window.steps * t.config.tokens_per_step / max(now - progress.window_started, 1e-9)
+    seconds = max(now - progress.window_started, 1e-9)
+    speed = window.steps * t.config.tokens_per_step / seconds
     mfu = speed * progress.flops_per_token / 1e12 / progress.peak_tflops
     t.run_log.write(
         kind="train",
@@ -137,16 +141,33 @@ def report_window(t: Training) -> float:
         nonfinite_steps=window.nonfinite,
         tokens_per_second=round(speed),
         mfu=round(mfu, 4),
+        peak_tflops=round(progress.peak_tflops, 4),  # what mfu is of: the matmul peak of all the processes' devices
+        peak_matmul_size=progress.peak.size,
     )
+    if window.steps:
+        progress.seconds_per_step = smoothed(progress.seconds_per_step, seconds / window.steps)
+    left = time_left(t.state.step, tc.max_steps, progress.seconds_per_step or 0.0, now - progress.started, tc.max_time)
     postfix = {
         "loss": "nan" if batch_loss is None else f"{batch_loss:.3f}",
         "tok/s": f"{speed:,.0f}",
         "MFU": f"{100 * mfu:.0f}%",
+        "left": tqdm.format_interval(left),
     }
-    if t.config.train.max_time > 0:
-        postfix["left"] = f"{max(t.config.train.max_time - (now - progress.started), 0):.0f}s"
     progress.bar.set_postfix(postfix, refresh=False)
     return now
+
+
+def smoothed(average: float | None, latest: float, weight: float = RATE_SMOOTHING) -> float:
+    """An exponential moving average: steady against one slow window (an evaluation, a checkpoint), quick to
+    follow a lasting change."""
+    return latest if average is None else weight * latest + (1 - weight) * average
+
+
+def time_left(step: int, max_steps: int, seconds_per_step: float, elapsed: float, max_time: float) -> float:
+    """Seconds until training ends: the steps still to run at seconds_per_step, or what max_time leaves of its
+    budget (when set) if that ends first."""
+    by_steps = max(max_steps - step, 0) * seconds_per_step
+    return min(by_steps, max(max_time - elapsed, 0.0)) if max_time > 0 else by_steps
 
 
 def summary(t: Training) -> dict:
@@ -162,6 +183,12 @@ def summary(t: Training) -> dict:
         "best_val_loss": t.state.best_val_loss,
         "nonfinite_steps": t.state.nonfinite_steps,
         "parameters": t.model.num_parameters(),
+        "matmul_peak": {  # what MFU is of: the best of a square matmul on one device, at the size that reached it
+            "tflops": round(t.progress.peak.tflops, 4),
+            "size": t.progress.peak.size,
+            "dtype": t.progress.peak.dtype,
+            "devices": t.progress.processes,
+        },
         "interrupted": t.stop_request.is_set(),
         "stop_signal": t.stop_request.signal_name,
         "out": str(t.run_dir),

@@ -17,6 +17,7 @@ from potion.config import RunConfig
 from potion.data.tokenizer import Tokenizer
 from potion.data.tokens import Batches
 from potion.formats.run import RunLog
+from potion.hardware import MatmulPeak
 from potion.model import GPT
 from potion.train.interrupt import StopRequest
 from potion.train.optim import StepTally
@@ -77,15 +78,21 @@ class Progress:
     first_step: int
     bar: tqdm
     flops_per_token: int
-    peak_tflops: float  # the matmul peak measured here: model FLOPs utilisation (MFU) is relative to it
+    peak: MatmulPeak  # of one device, measured here: model FLOPs utilisation (MFU) is relative to it
+    processes: int = 1  # tokens/s counts all the processes' devices, and so does the peak MFU divides by
     train_seconds: float = 0.0  # time in training steps only, evaluation excluded
     window_started: float = field(default_factory=time.time)
+    seconds_per_step: float | None = None  # wall clock, evaluations included, smoothed over the recent windows
     last_plot: float = 0.0
     learning_rate: float = 0.0
     nonfinite_in_a_row: int = 0  # as last read; while > 0 nothing is checkpointed
     best_step: int | None = None  # the step whose evaluation set the best validation loss in this session
     train_loss: float | None = math.nan  # of the last evaluation
     val_loss: float = math.nan
+
+    @property
+    def peak_tflops(self) -> float:
+        return self.peak.tflops * self.processes
 
 
 # ---------------------------------------------------------------- one run being trained
