@@ -26,6 +26,8 @@ from potion.train.state import Progress, Training
 
 PLOT_EVERY_SECONDS = 30  # loss.png is redrawn at most this often (and at the end): drawing costs more than a step
 RATE_SMOOTHING = 0.3  # the weight of the latest window in the seconds per step that "left=" is reckoned from
+# The figures of log.jsonl's rows that train.log_to's trackers are sent, as "train/loss", "eval/val_loss", ...
+TRACKED = {"train": ("loss", "lr", "tokens_per_second", "mfu"), "eval": ("train_loss", "val_loss", "val_bits_per_byte")}
 
 
 def log(message: str) -> None:
@@ -82,7 +84,8 @@ def report_evaluation(t: Training, done: bool, reader: GPT | None = None) -> Non
     reader_device = next(reader.parameters()).device
     tc, state, progress = t.config.train, t.state, t.progress
     train_loss, val_loss = progress.train_loss, progress.val_loss
-    t.run_log.write(
+    write_row(
+        t,
         kind="eval",
         step=state.step,
         tokens=state.tokens,
@@ -133,7 +136,8 @@ def report_window(t: Training) -> float:
     seconds = max(now - progress.window_started, 1e-9)
     speed = window.steps * t.config.tokens_per_step / seconds
     mfu = speed * progress.flops_per_token / 1e12 / progress.peak_tflops
-    t.run_log.write(
+    write_row(
+        t,
         kind="train",
         step=t.state.step,
         loss=batch_loss,
@@ -168,6 +172,21 @@ def time_left(step: int, max_steps: int, seconds_per_step: float, elapsed: float
     budget (when set) if that ends first."""
     by_steps = max(max_steps - step, 0) * seconds_per_step
     return min(by_steps, max(max_time - elapsed, 0.0)) if max_time > 0 else by_steps
+
+
+def write_row(t: Training, **row) -> None:
+    """A row of log.jsonl, and its TRACKED figures to train.log_to's trackers at the same step."""
+    t.run_log.write(**row)
+    if not t.trackers:
+        return
+    kind = row["kind"]
+    metrics = {
+        f"{kind}/{key}": float(row[key])
+        for key in TRACKED[kind]  # None (no finite step) and NaN stay in log.jsonl, which the non-finite count explains
+        if type(row.get(key)) in (int, float) and math.isfinite(row[key])
+    }
+    for tracker in t.trackers:
+        tracker.log(metrics, row["step"])
 
 
 def summary(t: Training) -> dict:

@@ -42,15 +42,17 @@ from potion.train.optim import StepTally, make_optimizer
 from potion.train.preflight import check_training_fits, check_weights_match
 from potion.train.report import log, start_progress
 from potion.train.state import LoopState, Training
+from potion.train.trackers import check_installed, open_trackers
 
 
 @contextlib.contextmanager
 def training(
     config: RunConfig, out: str | Path | SavedRun | None = None, resume: bool = False, quiet: bool = False
 ) -> Iterator[Training]:
-    """A run set up (or resumed) and locked for the loop; on leaving, its signal handlers, progress bar and log are
-    closed. Bad input is refused before anything is written."""
+    """A run set up (or resumed) and locked for the loop; on leaving, its signal handlers, progress bar, log and
+    trackers are closed. Bad input is refused before anything is written."""
     started = time.time()
+    check_installed(config)  # a tracker's library is an extra: missing, nothing has started
     main = is_main()  # with several processes (torchrun), rank 0 alone writes the run directory and reports
     quiet = quiet or not main
     config = replace(config, data=replace(config.data, data=absolute_data(config.data.data)))
@@ -73,18 +75,29 @@ def training(
                 refuse_existing(run_dir)  # another training may have filled it since the first look
             remove_leftovers(run_dir)
         t = start(config, run_dir, device, token_file.tokenizer, data, resume, quiet, started, init_weights)
+        status = "failed"
         try:
             yield t
+            status = "stopped" if t.stop_request.is_set() else "finished"
+        except KeyboardInterrupt:  # a second stop signal: aborted, resumable from the last checkpoint
+            status = "stopped"
+            raise
         finally:
-            finish(t)
+            finish(t, status)
 
 
-def finish(t: Training) -> None:
-    """Close what the run opened."""
+def finish(t: Training, status: str) -> None:
+    """Close what the run opened. A tracker that fails to close is a warning: an error may be on its way up, and
+    the others still close."""
     t.stop_request.restore()
     t.progress.bar.close()
     if t.run_log is not None:
         t.run_log.close()
+    for tracker in t.trackers:
+        try:
+            tracker.close(status)
+        except Exception as e:
+            log(f"potion: warning: closing {type(tracker).__name__} failed ({type(e).__name__}: {e})")
 
 
 def resumed_run_dir(out: str | Path | SavedRun | None, config: RunConfig) -> Path:
@@ -190,6 +203,7 @@ def start(
         resumed_at=state.step if restored else None,
         last_saved=restored[0] if restored else None,
         quiet=quiet,
+        trackers=open_trackers(config, run_dir, state.step if resume else None, quiet) if main else [],
     )
 
 

@@ -21,6 +21,7 @@ from potion.hardware import MatmulPeak
 from potion.model import GPT
 from potion.train.interrupt import StopRequest
 from potion.train.optim import StepTally
+from potion.train.trackers import Tracker
 
 # ---------------------------------------------------------------- the state a checkpoint saves
 
@@ -124,4 +125,5 @@ class Training:
     resumed_at: int | None  # the step of the checkpoint resumed from: evaluated and saved already
     last_saved: Path | None  # the newest checkpoint
     quiet: bool
+    trackers: list[Tracker] = field(default_factory=list)  # train.log_to's, rank 0's only
     reader: GPT | None = None  # with FSDP, rank 0's whole copy of the weights that samples and probes read
