@@ -223,7 +223,7 @@ def test_an_evaluation_gone_non_finite_is_neither_probed_nor_sampled(capsys, tmp
 def test_a_model_too_big_for_this_machine_is_refused_before_allocating(capsys, tmp_path):
     huge = ["--set", "n_layer=100000", "--set", "n_embd=65536", "--set", "n_head=64"]
     line = train_fails(capsys, tmp_path, "pydocs", *huge)
-    assert "this training needs at least 82.5 PB of memory (5,153,96" in line  # the rest depends on the vocabulary
+    assert "this training needs at least 82.5 PB of memory (5,153,97" in line  # the rest depends on the vocabulary
     assert "weights, 100,000 layers of width 65,536, batch_size 8 x context_length 32) and" in line
     assert line.endswith("is available; make the model or the batch smaller")
 

@@ -54,6 +54,7 @@ RESUMABLE_CHANGES = {
     "train.parallel",
     "train.probe",
     "train.max_nonfinite_steps",
+    "train.log_to",  # a tracker added on resume logs from there on
 }
 DERIVED_FIELDS = {"model.vocab_size"}  # filled in from the tokenizer, never set by hand
 
