@@ -183,6 +183,14 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "gguf":
+        from potion.formats.gguf_export import export_gguf
+
+        out, architecture = export_gguf(args.model, args.out, args.dtype or "f16")
+        print(f"wrote {out} ({architecture}, {args.dtype or 'f16'}); run it with llama.cpp: llama-cli -m {out}")
+        return 0
+    if args.dtype is not None:
+        raise PotionError("--dtype applies to --format gguf; a Hugging Face folder holds float32 weights")
     from potion.formats.hf.convert import export_model
 
     out, architecture = export_model(args.model, args.out)
@@ -213,7 +221,8 @@ def cmd_presets(args) -> int:
 
 
 MODEL_HELP = (
-    "run directory, Hugging Face folder (GPT-2, Llama, Mistral, Qwen2, Qwen3) or model name (default: the latest run)"
+    "run directory, Hugging Face folder (GPT-2, Llama, Mistral, Qwen2, Qwen3), .gguf file or model name (default: the "
+    "latest run)"
 )
 
 
@@ -322,9 +331,17 @@ def add_import(sub) -> None:
 
 
 def add_export(sub) -> None:
-    e = sub.add_parser("export", help="write a folder that Hugging Face transformers loads (from_pretrained)")
+    e = sub.add_parser(
+        "export", help="write a folder that Hugging Face transformers loads, or a GGUF file that llama.cpp runs"
+    )
     e.add_argument("model", nargs="?", metavar="RUN", help="the run directory (default: the latest under ./runs)")
-    e.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    e.add_argument("--out", required=True, help="the folder (hf) or file (gguf) to write (must not exist)")
+    e.add_argument(
+        "--format", choices=("hf", "gguf"), default="hf", help="hf: a transformers folder (default); gguf: one file"
+    )
+    e.add_argument(
+        "--dtype", choices=("f32", "f16", "bf16", "q8_0"), help="gguf only: the matrices' type (default: f16)"
+    )
     e.set_defaults(func=cmd_export)
 
 

@@ -29,6 +29,7 @@ from potion.config import RunConfig
 from potion.data.tokenizer import Tokenizer, load_tokenizer
 from potion.errors import PotionError
 from potion.formats.fileio import atomic_write, atomic_write_text, is_leftover
+from potion.formats.gguf import gguf_run_config, read_gguf
 from potion.formats.hf.folder import is_hf_model
 from potion.formats.hf.folder import read_model as read_hf_model
 from potion.formats.hf.folder import read_run_config as read_hf_config
@@ -166,19 +167,30 @@ class LoadedRun:
 
 def load(run_dir: str | Path | None = None, device: str = "cpu") -> LoadedRun:
     """Load a trained model and its tokenizer from a run directory (default: the latest under ./runs), a Hugging
-    Face GPT-2 folder, or a Hugging Face model name such as `gpt2`."""
+    Face folder (GPT-2 or the Llama family), a GGUF file, or a Hugging Face model name such as `gpt2`."""
     folder = latest_run() if run_dir is None else model_folder(run_dir)
-    hugging_face = is_hf_model(folder)
-    config, tokenizer, weights = read_hf_model(folder) if hugging_face else read_run(folder)
-    model = GPT(config.model)
-    load_model_state(model, weights, str(folder if hugging_face else folder / "model.safetensors"))
+    if is_gguf(folder):
+        (config, tokenizer, weights), source = read_gguf(folder), folder
+    elif is_hf_model(folder):
+        (config, tokenizer, weights), source = read_hf_model(folder), folder
+    else:
+        (config, tokenizer, weights), source = read_run(folder), folder / "model.safetensors"
+    model = GPT.without_weights(config.model)
+    load_model_state(model, weights, str(source))
     model.to(device).eval()
     return LoadedRun(folder, config, model, tokenizer)
 
 
+def is_gguf(path: Path) -> bool:
+    """A GGUF file (llama.cpp's format), as opposed to a run directory or a Hugging Face folder."""
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
 def source_config(spec: str | Path) -> RunConfig:
-    """The config of a run directory, Hugging Face folder or model name, without reading its weights."""
+    """The config of a run directory, Hugging Face folder, GGUF file or model name, without reading its weights."""
     folder = model_folder(spec)
+    if is_gguf(folder):
+        return gguf_run_config(folder)
     return read_hf_config(folder) if is_hf_model(folder) else read_config(folder)
 
 

@@ -86,9 +86,7 @@ class GPT(nn.Module):
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.context_length, config.n_embd)
         else:
-            cos, sin = rope_tables(config)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_rope_tables()
         if config.value_embeddings:  # a token's identity fed straight into what it passes on, in every layer
             self.value_embedding = nn.Embedding(config.vocab_size, self.shapes.kv_dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -97,6 +95,27 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.token_embedding.weight
         self.reset_parameters()
+
+    @classmethod
+    def without_weights(cls, config: ModelConfig) -> "GPT":
+        """A GPT whose parameters have no storage yet (the meta device), for weights about to be loaded in place
+        (potion.train.checkpoint.load_model_state): no random numbers drawn only to be overwritten, and no second
+        copy of the weights."""
+        with torch.device("meta"):
+            model = cls(config)
+        if config.positions == "rope":
+            model.register_rope_tables()  # computed, not loaded: made on the CPU
+        return model
+
+    def tie_head(self) -> None:
+        """The output head reads the token embedding's matrix (after that matrix was replaced by a loaded one)."""
+        if self.config.tie_embeddings:
+            self.head.weight = self.token_embedding.weight
+
+    def register_rope_tables(self) -> None:
+        cos, sin = rope_tables(self.config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def reset_parameters(self):
         """GPT-2 initialisation: N(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer)."""

@@ -323,6 +323,8 @@ def gradient_sync(module: torch.nn.Module, sync: bool):
 
 
 def is_sharded(tensor) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist yet, and importing it takes seconds
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)

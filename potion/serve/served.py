@@ -41,7 +41,8 @@ class ServedModel:
         self.run: LoadedRun = load(spec, device)
         self.id = model_id(spec, self.run.run_dir)
         folder = self.run.run_dir
-        self.weights = None if is_hf_model(folder) else folder / "model.safetensors"  # a run, which may be training
+        is_run = folder.is_dir() and not is_hf_model(folder)  # not a Hugging Face folder or a GGUF file
+        self.weights = folder / "model.safetensors" if is_run else None  # a run, which may be training
         self.stamp = file_stamp(self.weights)
         self.created = int(self.stamp[0] // 10**9) if self.stamp else int(time.time())
         self.checked = time.monotonic()

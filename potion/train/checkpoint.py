@@ -71,7 +71,12 @@ def load_model_state(model: GPT, state: dict[str, torch.Tensor], source: str) ->
         state.pop("head.weight", None)
     targets = model.state_dict()  # sharded over the processes with FSDP: each takes its part
     state = {k: placed_like(v, targets[k]) if k in targets else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    assign = next(model.parameters()).is_meta  # GPT.without_weights: the model takes these tensors as they are
+    if assign:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
+    if assign:
+        model.tie_head()
     missing = [k for k in missing if not (model.config.tie_embeddings and k == "head.weight")]
     if missing or unexpected:
         raise PotionError(
