@@ -67,7 +67,11 @@ def training_config(args):
         out = find_run(args.out)
         return resolve(args.preset, args.config, args.set, base=out.config, values=values), out
     if args.init_from:  # the architecture and tokenizer of the model it starts from; training settings as given
-        base = with_architecture(load_preset(args.preset or "gpt2-finetune"), source_config(args.init_from))
+        source = source_config(args.init_from)
+        default = (
+            "gpt2-finetune" if source.model.positions == "learned" else "finetune"
+        )  # GPT-2 was trained with dropout
+        base = with_architecture(load_preset(args.preset or default), source)
         return resolve(None, args.config, args.set, base=base, values=values), args.out
     return resolve(args.preset or "tiny", args.config, args.set, values=values), args.out
 
@@ -241,8 +245,8 @@ def add_train(sub) -> None:
     t.add_argument(
         "--init-from",
         metavar="MODEL",
-        help="fine-tune: start from this run, Hugging Face folder or model name (its architecture and tokenizer; "
-        "default preset gpt2-finetune)",
+        help="fine-tune: start from this run, Hugging Face folder, .gguf file or model name (its architecture and "
+        "tokenizer; default preset gpt2-finetune for GPT-2-shaped models, else finetune)",
     )
     t.add_argument("--max-steps", type=int)
     t.add_argument("--max-time", type=float, help="wall-clock budget in seconds; then evaluate, save and stop")

@@ -6,6 +6,8 @@ types gguf.quants cannot make are written from random blocks. The real SmolLM2 G
 package) is compared with transformers reading the same file. Damaged files each give one PotionError."""
 
 import importlib.util
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 from tokenizers import pre_tokenizers  # noqa: E402
 
+from potion.cli import main  # noqa: E402
 from potion.config import ModelConfig  # noqa: E402
 from potion.errors import PotionError  # noqa: E402
 from potion.formats import gguf as potion_gguf  # noqa: E402
@@ -391,3 +394,27 @@ def test_smollm_tokenizer_matches_transformers(smollm, reference):
         assert tokenizer.encode(text) == reference[0](text, add_special_tokens=False).input_ids, text
         assert tokenizer.decode(tokenizer.encode(text)) == text
     assert tokenizer.encode("<|im_start|>") == [1] and tokenizer.eot_token == "<|im_end|>"
+
+
+PARAGRAPH = (
+    "The river rose slowly through the night, and by morning the lower fields were under water. Farmers moved "
+    "their animals to the hills, and the school in the village opened its doors to families whose houses were "
+    "flooded. By the afternoon the rain had stopped, the sun came out, and children were already playing on the "
+    "wet grass beside the road.\n"
+)
+
+
+def test_smollm_perplexity_on_english_is_transformers_own(smollm_path, reference, tmp_path, capsys):
+    text = tmp_path / "paragraph.txt"
+    text.write_text(PARAGRAPH, encoding="utf-8")
+    assert main(["eval", "--model", str(smollm_path), "--data", str(text), "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    ids = reference[0](PARAGRAPH, add_special_tokens=False).input_ids + [
+        reference[0].convert_tokens_to_ids("<|im_end|>")
+    ]
+    with torch.no_grad():
+        logits = reference[1](torch.tensor([ids])).logits[0, :-1]
+    theirs = math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))))
+    assert ours["tokens"] == len(ids) - 1
+    assert abs(ours["perplexity"] / theirs - 1) < 0.01, (ours["perplexity"], theirs)
+    assert ours["perplexity"] < 100  # English the model knows (41 here): a model that knew none would be near 49,152
