@@ -68,9 +68,8 @@ def training_config(args):
         return resolve(args.preset, args.config, args.set, base=out.config, values=values), out
     if args.init_from:  # the architecture and tokenizer of the model it starts from; training settings as given
         source = source_config(args.init_from)
-        default = (
-            "gpt2-finetune" if source.model.positions == "learned" else "finetune"
-        )  # GPT-2 was trained with dropout
+        # GPT-2 was pretrained with dropout; the Llama family without
+        default = "gpt2-finetune" if source.model.positions == "learned" else "finetune"
         base = with_architecture(load_preset(args.preset or default), source)
         return resolve(None, args.config, args.set, base=base, values=values), args.out
     return resolve(args.preset or "tiny", args.config, args.set, values=values), args.out
