@@ -239,3 +239,15 @@ def test_dtype_belongs_to_gguf(tmp_path, capsys):
     run = random_model(tmp_path, CharTokenizer.train(["abc"]), dict(**LLAMA))
     assert main(["export", str(run), "--dtype", "q8_0", "--out", str(tmp_path / "hf")]) == 2
     assert "--format gguf" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("recipe", ["llama, grouped-query, untied"])
+def test_potion_reads_its_own_gguf_back_with_the_same_logits(recipe, tokenizers, tmp_path):
+    kind, settings, _ = RECIPES[recipe]
+    tokenizer = tokenizers[kind]
+    run = random_model(tmp_path, tokenizer, settings)
+    back = potion.load(export(run))
+    ids = tokenizer.encode(PROMPT)
+    assert back.tokenizer.encode(PROMPT) == ids and back.tokenizer.eot_id == tokenizer.eot_id
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(torch.tensor([ids])), potion.load(run).model(torch.tensor([ids])))

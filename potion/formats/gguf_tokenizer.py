@@ -27,6 +27,7 @@ QWEN2_SPLIT = (
 # tokenizer.ggml.pre -> how it splits; names llama.cpp treats as one are listed together
 PRE_TOKENIZERS = {
     "gpt2": "gpt2",
+    "gpt-2": "gpt2",  # llama.cpp's own spelling, which potion export writes
     "smollm": "digits+gpt2",  # every digit its own word, then GPT-2's split (SmolLM's own tokenizer.json)
     "llama-bpe": "llama3",
     "llama3": "llama3",
