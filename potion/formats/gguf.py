@@ -14,12 +14,10 @@ into its float32 destination (the file itself is memory-mapped).
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
 from potion.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from potion.config.configs import MAX_BPE_VOCAB
@@ -280,7 +278,7 @@ def rope_settings(reader, freqs, arch: str, head_dim: int, base: float, where: s
 def gguf_names(config: ModelConfig) -> dict[str, str]:
     """{potion name: GGUF name} of every tensor the model holds."""
     names = {}
-    for ours in llama.potion_names(config):
+    for ours in llama.potion_shapes(config):
         parts = ours.split(".")
         if parts[0] == "blocks":
             names[ours] = f"blk.{parts[1]}.{BLOCK_NAMES['.'.join(parts[2:-1])]}.{parts[-1]}"
@@ -289,33 +287,10 @@ def gguf_names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """{potion name: shape}, from potion's own model on the meta device (no memory).
-
-    Built with learned positions, whose table is one more tensor, in place of the rotary tables (not weights):
-    torch computes those, and the weights' random start, on the meta device in Python code whose first call
-    imports sympy (1 to 3 s and 80 MB of a load). No weight's shape depends on either."""
-    from potion.model import GPT
-
-    with torch.device("meta"), NoInit():
-        state = GPT(replace(config, positions="learned")).state_dict()
-    return {ours: tuple(state[ours].shape) for ours in llama.potion_names(config)}
-
-
-class NoInit(TorchFunctionMode):
-    """Weights left as they are made: on the meta device there are no numbers to draw."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.nn.init.normal_, torch.Tensor.normal_):
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **kwargs)
-
-
 def check_tensors(tensors: dict, config: ModelConfig, where: str) -> None:
     """Exactly the tensors the metadata implies, each of its shape (GGUF lists dimensions innermost first) and of
     a type potion dequantizes."""
-    shapes = expected_shapes(config)
+    shapes = llama.potion_shapes(config)
     for ours, theirs in gguf_names(config).items():
         tensor = tensors.get(theirs)
         if tensor is None:

@@ -36,7 +36,7 @@ REPEAT_SECONDS = 2.0  # a Ctrl-C reaches every process from the terminal and aga
 FAILED = "failed"  # the store key the first failing rank claims
 EXIT_CODE = 2  # a failed job's exit code on every rank, as for any PotionError
 # The others outlive the failing rank by this much, so that torchrun names that rank as the root cause.
-GRACE_SECONDS = 1.0
+GRACE_SECONDS = 3.0  # the failing rank's own exit (interpreter, process group) took over 1 s at times
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 
 from potion.config import ModelConfig
 from potion.errors import PotionError
+from potion.formats.hf.llama import hf_name
 from potion.model.shapes import Shapes
 
 RMS_NORM_EPS = 1e-6  # potion's RMSNorm, for the block norms and the query/key norms alike
@@ -132,34 +133,12 @@ def gpt2_weights(state: dict, config: ModelConfig) -> dict:
 
 
 def llama_weights(state: dict, config: ModelConfig) -> dict:
-    """Llama and Qwen3 names (Qwen3 adds the per-head q_norm and k_norm)."""
+    """Llama and Qwen3 names (potion.formats.hf.llama.hf_name, the names potion reads them back by)."""
     weights = {
-        "model.embed_tokens.weight": state["token_embedding.weight"],
-        "model.norm.weight": state["final_norm.weight"],
+        hf_name(name): tensor for name, tensor in state.items() if name != "head.weight" or not config.tie_embeddings
     }
-    linear = {
-        "attn.query": "self_attn.q_proj",
-        "attn.key": "self_attn.k_proj",
-        "attn.value": "self_attn.v_proj",
-        "attn.proj": "self_attn.o_proj",
-        "mlp.up": "mlp.up_proj",
-        "mlp.down": "mlp.down_proj",
-    }
-    for i in range(config.n_layer):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        weights[theirs + "input_layernorm.weight"] = state[ours + "norm1.weight"]
-        weights[theirs + "post_attention_layernorm.weight"] = state[ours + "norm2.weight"]
-        for potion_name, hf_name in linear.items():
-            for kind in ("weight", "bias"):
-                if ours + f"{potion_name}.{kind}" in state:
-                    weights[theirs + f"{hf_name}.{kind}"] = state[ours + f"{potion_name}.{kind}"]
-        gate = "mlp.gate" if config.mlp_activation == "swiglu" else "mlp.up"  # relu2: relu(z) * z with gate = up
-        for kind in ("weight", "bias"):
-            if ours + f"{gate}.{kind}" in state:
-                weights[theirs + f"mlp.gate_proj.{kind}"] = state[ours + f"{gate}.{kind}"]
-        if config.qk_norm:
-            weights[theirs + "self_attn.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
-            weights[theirs + "self_attn.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
-    if not config.tie_embeddings:
-        weights["lm_head.weight"] = state["head.weight"]
+    if config.mlp_activation == "relu2":  # relu(gate(x)) * up(x) with gate = up is relu(z) * z = relu(z)²
+        for name, tensor in state.items():
+            if ".mlp.up." in name:
+                weights[hf_name(name.replace(".mlp.up.", ".mlp.gate."))] = tensor
     return weights

@@ -12,14 +12,15 @@ headers alone), before anything is allocated.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from potion.config import ModelConfig
 from potion.errors import PotionError
 from potion.formats.hf.files import check_shapes, read_tensors
-from potion.model.shapes import Shapes
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MAX_SIZE = 1 << 24  # no dimension of a model potion can hold comes near this; a larger number is a damaged file
@@ -131,43 +132,55 @@ def rope_settings(hf: dict, where: str) -> dict:
     return settings
 
 
-def potion_names(config: ModelConfig) -> dict[str, str]:
-    """{potion name: Hugging Face name} of every tensor a Llama-family folder of this config holds."""
-    names = {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in OUTSIDE_NAMES.items()}
-    if config.tie_embeddings:
-        del names["head.weight"]
-    shapes = Shapes.of(config)
-    for i in range(config.n_layer):
-        for ours, theirs in BLOCK_NAMES.items():
-            if ours.startswith("attn.q_norm") or ours.startswith("attn.k_norm"):
-                if not config.qk_norm:
-                    continue
-            names[f"blocks.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
-            has_bias = shapes.qkv_bias if ours in ("attn.query", "attn.key", "attn.value") else shapes.bias
-            if has_bias and not ours.startswith(("norm", "attn.q_norm", "attn.k_norm")):
-                names[f"blocks.{i}.{ours}.bias"] = f"model.layers.{i}.{theirs}.bias"
-    return names
+def potion_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{potion name: shape} of every tensor potion's GPT of this config stores (a tied head once, as the
+    embedding), from the model built on the meta device: no memory.
 
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """{Hugging Face name: shape}, from potion's own model built on the meta device (no memory)."""
+    Built with learned positions in place of the rotary tables (which are computed, not stored), and with no
+    random start: torch computes both on the meta device in Python code whose first call imports sympy (1 to 3 s
+    and 80 MB of a load). No stored tensor's shape depends on either."""
     from potion.model import GPT
 
-    with torch.device("meta"):
-        state = GPT(config).state_dict()
-    return {theirs: tuple(state[ours].shape) for ours, theirs in potion_names(config).items()}
+    with torch.device("meta"), NoInit():
+        state = GPT(replace(config, positions="learned")).state_dict()
+    unstored = {"head.weight"} if config.tie_embeddings else set()
+    if config.positions != "learned":
+        unstored.add("position_embedding.weight")
+    return {name: tuple(t.shape) for name, t in state.items() if name not in unstored}
+
+
+class NoInit(TorchFunctionMode):
+    """Weights left as they are made: on the meta device there are no numbers to draw."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.init.normal_, torch.Tensor.normal_):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def hf_name(name: str) -> str:
+    """potion's tensor name -> the Hugging Face one: blocks.3.attn.query.weight is
+    model.layers.3.self_attn.q_proj.weight."""
+    module, kind = name.rsplit(".", 1)
+    if module.startswith("blocks."):
+        _, layer, inner = module.split(".", 2)
+        return f"model.layers.{layer}.{BLOCK_NAMES[inner]}.{kind}"
+    return f"{OUTSIDE_NAMES[module]}.{kind}"
 
 
 def read_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """potion-named float32 tensors of the folder, checked against config.json before any is read."""
-    expected = expected_shapes(config)
+    shapes = potion_shapes(config)
+    names = {ours: hf_name(ours) for ours in shapes}
+    expected = {hf_name(ours): shape for ours, shape in shapes.items()}
 
     def check(found: dict[str, tuple[int, ...]]) -> None:
         stored = {name: shape for name, shape in found.items() if not ignored(name, config)}
         check_shapes(stored, expected, folder)
 
     tensors = read_tensors(folder, check)
-    return {ours: tensors.pop(theirs).float() for ours, theirs in potion_names(config).items()}
+    return {ours: tensors.pop(theirs).float() for ours, theirs in names.items()}
 
 
 def ignored(name: str, config: ModelConfig) -> bool:
