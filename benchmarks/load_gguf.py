@@ -50,7 +50,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
     parameters = sum(w.numel() for w in weights.values())
-    model = GPT(config.model)
+    model = GPT.without_weights(config.model)  # as potion.load builds it: the read tensors become its weights
     load_model_state(model, weights, str(path))
     with_model = time.perf_counter() - start
     emit(

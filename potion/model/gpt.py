@@ -78,7 +78,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__()
         self.config = config
         self.shapes = Shapes.of(config)
@@ -94,7 +94,8 @@ class GPT(nn.Module):
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.token_embedding.weight
-        self.reset_parameters()
+        if init:  # GPT-2's initialisation; without_weights skips it
+            self.reset_parameters()
 
     @classmethod
     def without_weights(cls, config: ModelConfig) -> "GPT":
@@ -102,7 +103,7 @@ class GPT(nn.Module):
         (potion.train.checkpoint.load_model_state): no random numbers drawn only to be overwritten, and no second
         copy of the weights."""
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, init=False)  # drawing on the meta device imports sympy: a second of the load
         if config.positions == "rope":
             model.register_rope_tables()  # computed, not loaded: made on the CPU
         return model
