@@ -57,8 +57,9 @@ def session():
         dist.barrier()
     except Exception as e:
         watch.stop()
-        if not first_to_fail():
+        if watch.saw_failure.is_set() or not first_to_fail():  # another rank failed first and reports it
             end_quietly()
+        hold_the_store()
         if isinstance(e, RuntimeError) and any(words in str(e) for words in LOST_PROCESS):
             raise PotionError(
                 f"another process of this training ended without a word (killed, out of memory, or its machine "
@@ -70,6 +71,14 @@ def session():
         raise
     watch.stop()
     leave()
+
+
+def hold_the_store() -> None:
+    """Rank 0 holds the job's store unless torchrun's agent does (a plain launcher: srun, mpirun). Having claimed
+    the failure, it stays long enough for the other ranks' watches to read the claim there: once it exits, the store
+    is gone, and they would report only a lost connection."""
+    if world().rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        time.sleep(2 * WATCH_SECONDS)
 
 
 def first_to_fail() -> bool:
@@ -88,6 +97,7 @@ class FailureWatch(threading.Thread):
     def __init__(self, store, rank: int):
         super().__init__(name="potion-failure-watch", daemon=True)
         self.store, self.rank, self.stopped = store, rank, threading.Event()
+        self.saw_failure = threading.Event()  # for the main thread, should its collective fail meanwhile
 
     def run(self) -> None:
         while not self.stopped.wait(WATCH_SECONDS):
@@ -96,6 +106,7 @@ class FailureWatch(threading.Thread):
             except (RuntimeError, OSError):  # the store has closed: the job is ending, and says so itself
                 return
             if failed:
+                self.saw_failure.set()
                 sys.stdout.flush()
                 sys.stderr.flush()
                 time.sleep(GRACE_SECONDS)
