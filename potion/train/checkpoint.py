@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from potion.errors import PotionError
 from potion.formats.fileio import atomic_write, atomic_write_text, fsync_dir, sha256_file, write_failed
 from potion.model import GPT
-from potion.parallel.world import gather_objects, is_main, placed_like, whole_on_main, world
+from potion.parallel.sharded import placed_like, whole_on_main
+from potion.parallel.world import gather_objects, is_main, world
 from potion.train.preflight import check_optimizer_file, check_weights_match
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")

@@ -19,6 +19,7 @@ from potion.errors import PotionError
 from potion.formats.run import SavedRun
 from potion.hardware import autocast
 from potion.model import GPT
+from potion.parallel import sharded
 from potion.parallel import world as distributed
 from potion.parallel.world import gradient_sync, is_main
 from potion.train import checkpoint as ckpt
@@ -135,7 +136,7 @@ def evaluate(t: Training) -> float:
     val_loss = t.progress.val_loss = distributed.mean(estimate_loss(t.compiled, val_split, t.device, t.dtype))
     if val_loss < t.state.best_val_loss:
         t.state.best_val_loss, t.progress.best_step = val_loss, t.state.step
-        weights = distributed.whole_on_main(ckpt.model_state(t.model))
+        weights = sharded.whole_on_main(ckpt.model_state(t.model))
         if is_main():
             ckpt.save_tensors(t.run_dir / "model.safetensors", weights)
     return val_loss
@@ -154,7 +155,7 @@ def report(t: Training, done: bool) -> None:
 
 def gathered_copy(t: Training) -> GPT | None:
     """On rank 0, a whole copy of the sharded weights in its CPU memory (kept from one evaluation to the next)."""
-    weights = distributed.whole_on_main(ckpt.model_state(t.model))
+    weights = sharded.whole_on_main(ckpt.model_state(t.model))
     if not is_main():
         return None
     if t.reader is None:
@@ -192,7 +193,7 @@ def train_one_step(t: Training) -> None:
             (micro_loss / tc.grad_accum).backward()
         loss += micro_loss.detach().float() / tc.grad_accum
     distributed.average_(loss)  # the loss of the whole batch, as one process would have it
-    norm = distributed.whole(grad_norm(t.model, tc.grad_clip))
+    norm = sharded.whole(grad_norm(t.model, tc.grad_clip))
     t.tally.step(loss, norm)  # a NaN or inf is caught before the optimizers can spread it into the weights
     for opt in t.optimizers:
         opt.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ import torch
 
 from potion.config import TrainConfig
 from potion.hardware import cpu_has_fast_bf16
-from potion.parallel.world import local, stacked_parts, stacked_whole
+from potion.parallel.sharded import local, stacked_parts, stacked_whole
 
 
 def learning_rate_at(step: int, config: TrainConfig, peak: float | None = None) -> float:
