@@ -29,6 +29,7 @@ from potion.config import ModelConfig
 from potion.data.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from potion.errors import PotionError, require
 from potion.formats.fileio import atomic_write
+from potion.formats.gguf import gguf_names
 from potion.formats.run import load
 from potion.model.attention import llama3_frequencies
 from potion.model.shapes import Shapes
@@ -142,28 +143,16 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig, arch: str)
 
 
 def llama_tensors(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
-    shapes = Shapes.of(config)
-    tensors = {"token_embd.weight": state["token_embedding.weight"], "output_norm.weight": state["final_norm.weight"]}
-    if not config.tie_embeddings:  # a file without output.weight reads out with the token embedding
-        tensors["output.weight"] = state["head.weight"]
+    """The llama (and arcee) tensors under the names potion's reader maps back (potion.formats.gguf.gguf_names),
+    queries and keys in llama.cpp's rotary order."""
+    shapes, names = Shapes.of(config), gguf_names(config)
+    tensors = {gguf_name: state[ours] for ours, gguf_name in names.items()}
+    for i in range(config.n_layer):
+        for part, heads in (("query", shapes.n_head), ("key", shapes.n_kv_head)):
+            name = names[f"blocks.{i}.attn.{part}.weight"]
+            tensors[name] = interleaved(tensors[name], heads)
     if config.rope_scaling == "llama3":
         tensors["rope_freqs.weight"] = rope_divisors(config)
-    for i in range(config.n_layer):
-        ours, theirs = f"blocks.{i}.", f"blk.{i}."
-        tensors.update(
-            {
-                theirs + "attn_norm.weight": state[ours + "norm1.weight"],
-                theirs + "attn_q.weight": interleaved(state[ours + "attn.query.weight"], shapes.n_head),
-                theirs + "attn_k.weight": interleaved(state[ours + "attn.key.weight"], shapes.n_kv_head),
-                theirs + "attn_v.weight": state[ours + "attn.value.weight"],
-                theirs + "attn_output.weight": state[ours + "attn.proj.weight"],
-                theirs + "ffn_norm.weight": state[ours + "norm2.weight"],
-                theirs + "ffn_up.weight": state[ours + "mlp.up.weight"],
-                theirs + "ffn_down.weight": state[ours + "mlp.down.weight"],
-            }
-        )
-        if shapes.gated:
-            tensors[theirs + "ffn_gate.weight"] = state[ours + "mlp.gate.weight"]
     return tensors
 
 
