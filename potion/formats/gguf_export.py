@@ -30,6 +30,7 @@ from potion.data.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from potion.errors import PotionError, require
 from potion.formats.fileio import atomic_write
 from potion.formats.gguf import gguf_names
+from potion.formats.hf.layouts import refuse_settings
 from potion.formats.run import load
 from potion.model.attention import llama3_frequencies
 from potion.model.shapes import Shapes
@@ -102,14 +103,7 @@ def architecture(config: ModelConfig) -> str:
         name = "arcee" if config.mlp_activation == "relu2" else "llama"
         wanted = {"norm": "rmsnorm", "bias": False, "qkv_bias": False}
         refuse["mlp_activation"] = config.mlp_activation not in ("relu2", "swiglu")
-    for field, value in wanted.items():
-        refuse[field] = getattr(config, field) != value
-    for field, refused in refuse.items():
-        if refused:
-            raise PotionError(
-                f"model.{field} = {getattr(config, field)!r} has no equivalent in llama.cpp's architectures for a "
-                f"model with {config.positions} positions (llama, arcee, gpt2); nothing was written"
-            )
+    refuse_settings(config, refuse, wanted, "equivalent in llama.cpp's architectures", "llama, arcee, gpt2")
     return name
 
 

@@ -35,15 +35,19 @@ def architecture(config: ModelConfig) -> str:
         wanted = {"norm": "rmsnorm"}
         refuse["mlp_activation"] = config.mlp_activation not in ("relu2", "swiglu")
         refuse["bias"] = config.qk_norm and config.bias  # Qwen3, the one with per-head q/k norms, has no MLP biases
-    for field, value in wanted.items():
-        refuse[field] = getattr(config, field) != value
+    refuse_settings(config, refuse, wanted, "exact equivalent in a transformers architecture", "GPT-2, Llama, Qwen3")
+    return name
+
+
+def refuse_settings(config: ModelConfig, refuse: dict[str, bool], wanted: dict, target: str, names: str) -> None:
+    """One line naming the first setting that is refused, or differs from what it is wanted to be."""
+    refuse = {**refuse, **{field: getattr(config, field) != value for field, value in wanted.items()}}
     for field, refused in refuse.items():
         if refused:
             raise PotionError(
-                f"model.{field} = {getattr(config, field)!r} has no exact equivalent in a transformers architecture "
-                f"for a model with {config.positions} positions (GPT-2, Llama, Qwen3); nothing was written"
+                f"model.{field} = {getattr(config, field)!r} has no {target} for a model with {config.positions} "
+                f"positions ({names}); nothing was written"
             )
-    return name
 
 
 def hf_config(config: ModelConfig, name: str, eot_id: int) -> dict:
