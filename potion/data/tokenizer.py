@@ -1,6 +1,7 @@
 """Tokenizers: text <-> token ids. Character-level or byte-level BPE, each saved as one JSON file.
 
-Both have an end-of-text token that separates documents and tells generation to stop.
+Both have an end-of-text token that separates documents and tells generation to stop, and may carry the chat
+template of the model they belong to (kept in the same JSON file, in tokenizer_config.json's fields).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
+from potion.data.chat import ChatTemplate
 from potion.errors import PotionError
 
 EOT = "<|endoftext|>"
@@ -21,7 +23,8 @@ class CharTokenizer:
 
     kind = "char"
 
-    def __init__(self, chars: Iterable[str]):
+    def __init__(self, chars: Iterable[str], chat_template: ChatTemplate | None = None):
+        self.chat_template = chat_template
         self.chars = sorted(set(chars))
         self.index = {c: i for i, c in enumerate(self.chars)}
         self.eot_id = len(self.chars)
@@ -76,7 +79,8 @@ class CharTokenizer:
         return np.array([len(c.encode("utf-8")) for c in self.chars] + [1], dtype=np.int64)
 
     def to_json(self) -> str:
-        return json.dumps({"type": "potion-char", "eot": EOT, "chars": self.chars}, ensure_ascii=False)
+        body = {"type": "potion-char", "eot": EOT, "chars": self.chars, **template_fields(self.chat_template)}
+        return json.dumps(body, ensure_ascii=False)
 
     def to_hf_json(self) -> str:
         """The same vocabulary as a Hugging Face tokenizer.json: a BPE with no merges splits text into characters,
@@ -99,8 +103,8 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tk, eot_token: str = EOT):
-        self.tk = tk
+    def __init__(self, tk, eot_token: str = EOT, chat_template: ChatTemplate | None = None):
+        self.tk, self.chat_template = tk, chat_template
         self.eot_token = eot_token
         self.eot_id = tk.token_to_id(eot_token)
         self.vocab_size = tk.get_vocab_size()
@@ -144,17 +148,30 @@ class BPETokenizer:
         return lengths
 
     def to_json(self) -> str:
-        """A Hugging Face tokenizer.json; inside potion's own wrapper where the end token is not <|endoftext|>
-        (tokenizer.json has no field for it)."""
-        if self.eot_token == EOT:
+        """A Hugging Face tokenizer.json; inside potion's own wrapper where the end token is not <|endoftext|> or
+        there is a chat template (tokenizer.json has no field for either)."""
+        if self.eot_token == EOT and self.chat_template is None:
             return self.tk.to_str()
-        return json.dumps({"type": "potion-bpe", "eot": self.eot_token, "tokenizer": json.loads(self.tk.to_str())})
+        body = {"type": "potion-bpe", "eot": self.eot_token, "tokenizer": json.loads(self.tk.to_str())}
+        body.update(template_fields(self.chat_template))
+        return json.dumps(body, ensure_ascii=False)
 
     def to_hf_json(self) -> str:
         return self.tk.to_str()
 
 
 Tokenizer = CharTokenizer | BPETokenizer
+
+
+def template_fields(template: ChatTemplate | None) -> dict:
+    return {"chat": template.to_config()} if template is not None else {}
+
+
+def saved_template(d: dict, source: str) -> ChatTemplate | None:
+    chat = d.get("chat")
+    if chat is not None and not isinstance(chat, dict):
+        raise PotionError(f'{source}: "chat" must be an object with a chat_template')
+    return ChatTemplate.from_config(chat, source) if chat else None
 
 
 def checked_text(text: str, source: str = "text") -> str:
@@ -187,9 +204,11 @@ def tokenizer_from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
     except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise PotionError(f"{source} is not valid JSON ({e}); the run directory may be damaged") from None
     if isinstance(d, dict) and d.get("type") == "potion-char":
-        return CharTokenizer(checked_chars(d.get("chars"), source))
+        return CharTokenizer(checked_chars(d.get("chars"), source), saved_template(d, source))
     if isinstance(d, dict) and d.get("type") == "potion-bpe" and isinstance(d.get("tokenizer"), dict):
-        return hf_tokenizer(json.dumps(d["tokenizer"]), d.get("eot"), source)
+        tokenizer = hf_tokenizer(json.dumps(d["tokenizer"]), d.get("eot"), source)
+        tokenizer.chat_template = saved_template(d, source)
+        return tokenizer
     if isinstance(d, dict) and isinstance(d.get("model"), dict):
         return hf_tokenizer(text, EOT, source)
     raise PotionError(f"{source} is not a potion tokenizer file")

@@ -21,6 +21,7 @@ import torch
 
 from potion.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from potion.config.configs import MAX_BPE_VOCAB
+from potion.data.chat import ChatTemplate
 from potion.data.tokenizer import EOT, BPETokenizer
 from potion.errors import PotionError, require
 from potion.formats.gguf_tokenizer import check_kind, gguf_tokenizer
@@ -362,4 +363,19 @@ def read_tokenizer(reader, where: str) -> BPETokenizer:
         token_types = [1] * len(tokens)  # all NORMAL
     default_eos = tokens.index(EOT) if EOT in tokens else MISSING
     eos = scalar(reader, "tokenizer.ggml.eos_token_id", where, int, default_eos)
-    return gguf_tokenizer(tokens, merges, token_types, eos, pre, where)
+    tokenizer = gguf_tokenizer(tokens, merges, token_types, eos, pre, where)
+    tokenizer.chat_template = chat_template(reader, tokens, where)
+    return tokenizer
+
+
+def chat_template(reader, tokens: list[str], where: str) -> ChatTemplate | None:
+    """The file's chat template, with the bos and eos tokens it may name."""
+    source = scalar(reader, "tokenizer.chat_template", where, str, None)
+    if not source:
+        return None
+    special = {}
+    for name in ("bos", "eos", "unknown", "padding"):
+        i = scalar(reader, f"tokenizer.ggml.{name}_token_id", where, int, None)
+        if i is not None and 0 <= i < len(tokens):
+            special[{"unknown": "unk", "padding": "pad"}.get(name, name) + "_token"] = tokens[i]
+    return ChatTemplate(source, special)

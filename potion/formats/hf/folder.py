@@ -13,6 +13,7 @@ import torch
 
 from potion.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from potion.config.configs import MAX_BPE_VOCAB
+from potion.data.chat import folder_template
 from potion.data.tokenizer import EOT, BPETokenizer, Tokenizer, hf_tokenizer
 from potion.errors import PotionError
 from potion.formats.hf import gpt2, llama
@@ -68,7 +69,9 @@ def read_tokenizer(folder: Path) -> BPETokenizer:
             raise PotionError(f"'{folder}' has no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
         return gpt2.gpt2_tokenizer(vocab, merges)
     text = path.read_text(encoding="utf-8")
-    return hf_tokenizer(text, end_token(folder, json.loads(text)), str(path))
+    tokenizer = hf_tokenizer(text, end_token(folder, json.loads(text)), str(path))
+    tokenizer.chat_template = folder_template(folder)
+    return tokenizer
 
 
 def end_token(folder: Path, tokenizer_json: dict) -> str:
