@@ -110,6 +110,37 @@ def generation_block():
     return GenerationBlock
 
 
+def template_for(tokenizer) -> ChatTemplate:
+    """The template a model chats with: its own, or ChatML for a tokenizer that has ChatML's two tokens."""
+    if tokenizer.chat_template is not None:
+        return tokenizer.chat_template
+    if all(tokenizer_has(tokenizer, token) for token in (IM_START, IM_END)):
+        return ChatTemplate(CHATML)
+    raise PotionError(
+        "this model has no chat template and no <|im_start|>/<|im_end|> tokens: it continues text but was not "
+        "trained to chat; fine-tune it on conversations first (potion train --init-from MODEL --data chats.jsonl)"
+    )
+
+
+def tokenizer_has(tokenizer, token: str) -> bool:
+    """Whether token is one token of this vocabulary (a special token), not text spelled out in pieces."""
+    try:
+        return len(tokenizer.encode(token, source="a special token")) == 1
+    except PotionError:  # a character vocabulary without its characters
+        return False
+
+
+# text that ends a turn in the common templates; a reply stops at whichever of these its template uses
+TURN_ENDS = (IM_END, "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+def turn_ends(template: ChatTemplate) -> tuple[str, ...]:
+    """The stop strings of a reply: the end-of-turn markers the template writes, and its eos token."""
+    eos = template.special_tokens.get("eos_token")
+    written = [end for end in TURN_ENDS if end in template.source]
+    return tuple(dict.fromkeys([*written, *([eos] if eos and eos in template.source else [])]))
+
+
 # ---------------------------------------------------------------- where templates come from
 
 
