@@ -6,6 +6,7 @@ types gguf.quants cannot make are written from random blocks. The real SmolLM2 G
 package) is compared with transformers reading the same file. Damaged files each give one PotionError."""
 
 import importlib.util
+import io
 import json
 import math
 from pathlib import Path
@@ -418,3 +419,19 @@ def test_smollm_perplexity_on_english_is_transformers_own(smollm_path, reference
     assert ours["tokens"] == len(ids) - 1
     assert abs(ours["perplexity"] / theirs - 1) < 0.01, (ours["perplexity"], theirs)
     assert ours["perplexity"] < 100  # English the model knows (41 here): a model that knew none would be near 49,152
+
+
+def test_smollm_chat_reply_is_transformers_greedy_reply(smollm_path, reference, monkeypatch, capsys):
+    question = "What is the capital of France?"
+    monkeypatch.setattr("sys.stdin", io.StringIO(question + "\n"))
+    args = ["chat", "--model", str(smollm_path), "--temperature", "0", "--max-new-tokens", "40", "--json"]
+    assert main(args) == 0
+    ours = json.loads(capsys.readouterr().out)
+    tokenizer, model = reference
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids) :].tolist()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    theirs = tokenizer.decode(out[: out.index(end)] if end in out else out)
+    assert ours["reply"] == theirs and ours["finish_reason"] == "eot" and "Paris" in theirs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from potion.cli.commands import (
+    cmd_chat,
     cmd_eval,
     cmd_explain,
     cmd_export,
@@ -53,16 +54,13 @@ def add_train(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
-def add_generate(sub) -> None:
-    g = sub.add_parser("generate", help="generate text from a trained model")
-    g.add_argument("prompt", nargs="?", default="")
-    add_model_option(g)
-    g.add_argument("--max-new-tokens", type=int, default=500)
-    g.add_argument("--temperature", type=float, default=0.8)
+def add_sampling_options(g, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The flags that say how tokens are drawn and when a text stops (generate's and chat's)."""
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0: greedy (default: {temperature})")
     g.add_argument("--top-k", type=int, help="draw only from the k most likely tokens (default: no limit)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=top_p)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears")
-    g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int)
     g.add_argument(
         "--decode-dtype",
@@ -78,8 +76,27 @@ def add_generate(sub) -> None:
         help="speculative decoding: a 4-bit copy of the model drafts N tokens, checked in one pass; the text is "
         "the same (default: 4 where that is faster, a CPU and a big model; 0: off)",
     )
+
+
+def add_generate(sub) -> None:
+    g = sub.add_parser("generate", help="generate text from a trained model")
+    g.add_argument("prompt", nargs="?", default="")
+    add_model_option(g)
+    add_sampling_options(g, max_new_tokens=500, temperature=0.8, top_p=1.0)
+    g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--json", action="store_true", help="print the samples as one JSON object")
     g.set_defaults(func=cmd_generate)
+
+
+def add_chat(sub) -> None:
+    c = sub.add_parser(
+        "chat", help="talk with a chat model: a REPL on a terminal, one reply per input line from a pipe"
+    )
+    add_model_option(c)
+    c.add_argument("--system", metavar="TEXT", help="the system message (default: the chat template's own, if any)")
+    add_sampling_options(c, max_new_tokens=512, temperature=0.7, top_p=0.9)
+    c.add_argument("--json", action="store_true", help="one JSON object per reply (reply, finish_reason, tokens)")
+    c.set_defaults(func=cmd_chat)
 
 
 def add_eval(sub) -> None:
@@ -164,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="potion", description="Train a small GPT on your own text, sample from it, look inside.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_generate, add_eval, add_explain, add_import, add_export, add_serve):
+    for add in (add_train, add_generate, add_chat, add_eval, add_explain, add_import, add_export, add_serve):
         add(sub)
     sub.add_parser("presets", help="list the built-in presets").set_defaults(func=cmd_presets)
     return parser

@@ -67,23 +67,28 @@ def training_config(args):
     return resolve(args.preset or "tiny", args.config, args.set, values=values), args.out
 
 
-def cmd_generate(args) -> int:
+def sampling_config(args, num_samples: int = 1):
     from potion.config import SamplingConfig
-    from potion.data.tokenizer import checked_text
-    from potion.formats.run import load
-    from potion.infer.generate import generate_text
 
-    sampling = SamplingConfig(
+    return SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
-        num_samples=args.num_samples,
+        num_samples=num_samples,
         decode_dtype=args.decode_dtype,
         draft_tokens=args.draft_tokens,
     )
+
+
+def cmd_generate(args) -> int:
+    from potion.data.tokenizer import checked_text
+    from potion.formats.run import load
+    from potion.infer.generate import generate_text
+
+    sampling = sampling_config(args, args.num_samples)
     model, tokenizer = load(args.model)
     prompt = checked_text(args.prompt or "", "the prompt")  # before it is echoed: stdout takes only real text
     on_text = None if args.json else stream_to_stdout(prompt, sampling.num_samples)
@@ -111,6 +116,17 @@ def stream_to_stdout(prompt: str, num_samples: int):
         started.add(0)
         sys.stdout.write(prompt)
     return on_text
+
+
+def cmd_chat(args) -> int:
+    from potion.data.tokenizer import checked_text
+    from potion.formats.run import load
+    from potion.infer.chat import Chat, run_chat
+
+    sampling = sampling_config(args)
+    system = checked_text(args.system, "--system") if args.system else None
+    model, tokenizer = load(args.model)
+    return run_chat(Chat(model, tokenizer, sampling, system=system), as_json=args.json)
 
 
 def cmd_eval(args) -> int:
