@@ -133,3 +133,26 @@ def test_a_config_json_that_potion_cannot_honour_is_one_line(change, message, tm
     assert main(["generate", "hello", "--model", str(folder), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_a_folder_chat_template_is_read_kept_and_exported(tmp_path, tokenizer_json):
+    """tokenizer_config.json's list of named templates (the "default" one chats), chat_template.jinja before it,
+    and potion export writes the template where transformers reads it."""
+    folder, _ = hf_folder(tmp_path, "llama, grouped-query, tied", tokenizer_json)
+    named = [{"name": "tool_use", "template": "{{ 'tools' }}"}, {"name": "default", "template": "{{ 'default' }}"}]
+    config = {"chat_template": named, "eos_token": {"content": "<|im_end|>"}, "bos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    template = potion.load(folder).tokenizer.chat_template
+    assert template.source == "{{ 'default' }}"
+    assert template.special_tokens == {"eos_token": "<|im_end|>", "bos_token": "<|endoftext|>"}
+    chatml = "{% for m in messages %}{{ bos_token + m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+    (folder / "chat_template.jinja").write_text(chatml, encoding="utf-8")
+    run = potion.load(folder)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert (
+        run.tokenizer.chat_template.render(messages)
+        == "<|endoftext|>user: Hi<|im_end|><|endoftext|>assistant: Hello<|im_end|>"
+    )
+    assert main(["export", str(folder), "--out", str(tmp_path / "out")]) == 0
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert exported.apply_chat_template(messages, tokenize=False) == run.tokenizer.chat_template.render(messages)

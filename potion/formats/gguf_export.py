@@ -69,7 +69,8 @@ def export_gguf(source: str | Path | None, out: str | Path, dtype: str = "f16") 
             writer.add_file_type(getattr(gguf.LlamaFileType, DTYPES[dtype]))
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             add_hyperparameters(writer, config, arch)
-            add_vocab(writer, vocab, getattr(run.tokenizer, "chat_template", None))
+            template = run.tokenizer.chat_template
+            add_vocab(writer, vocab, template.source if template is not None else None)
             for name, tensor in tensors.items():
                 data, kind = encoded(gguf, name, tensor, matrix_type)
                 writer.add_tensor(name, data, raw_dtype=kind)

@@ -44,7 +44,7 @@ def export_model(source: str | Path | None, out: str | Path) -> tuple[Path, str]
         eot = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         write_json(folder / "generation_config.json", eot)
         (folder / "tokenizer.json").write_text(tokenizer.to_hf_json(), encoding="utf-8")
-        write_json(folder / "tokenizer_config.json", tokenizer_config(config.context_length))
+        write_json(folder / "tokenizer_config.json", tokenizer_config(config.context_length, tokenizer))
         (folder / "README.md").write_text(model_card(run, name), encoding="utf-8")
     return Path(out), ARCHITECTURE_NAMES[name]
 
@@ -53,12 +53,15 @@ def write_json(path: Path, body: dict) -> None:
     path.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def tokenizer_config(context_length: int) -> dict:
-    """What AutoTokenizer needs beside tokenizer.json; decoding keeps spaces exactly as they are."""
+def tokenizer_config(context_length: int, tokenizer) -> dict:
+    """What AutoTokenizer needs beside tokenizer.json (the chat template too); decoding keeps spaces exactly as
+    they are."""
+    template = tokenizer.chat_template.to_config() if tokenizer.chat_template is not None else {}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>",
+        "bos_token": tokenizer.eot_token if tokenizer.kind == "bpe" else "<|endoftext|>",
+        "eos_token": tokenizer.eot_token if tokenizer.kind == "bpe" else "<|endoftext|>",
+        **template,
         "model_max_length": context_length,
         "clean_up_tokenization_spaces": False,
     }
