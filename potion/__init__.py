@@ -4,11 +4,13 @@ from potion.config import DataConfig, ModelConfig, RunConfig, SamplingConfig, Tr
 from potion.errors import PotionError
 from potion.explain import Explanation, explain
 from potion.formats.run import LoadedRun, load
+from potion.infer.chat import Chat
 from potion.infer.generate import generate_text
 from potion.model import GPT
 
 __all__ = [
     "GPT",
+    "Chat",
     "DataConfig",
     "Explanation",
     "LoadedRun",
