@@ -16,20 +16,38 @@ import urllib.request
 from pathlib import Path
 
 import torch
-from test_explain import tiny
+from test_explain import CHARS, tiny
 
-from potion.config import RunConfig
-from potion.data.tokenizer import save_tokenizer
+from potion.config import ModelConfig, RunConfig
+from potion.data.chat import CHATML, ChatTemplate
+from potion.data.tokenizer import CharTokenizer, save_tokenizer
 from potion.formats.run import write_config
+from potion.model.gpt import GPT
 from potion.train.checkpoint import model_state, save_tensors
 
 READY = re.compile(r"potion serve: .* at (http://127\.0\.0\.1:\d+)/")
 
 
-def make_run(folder: Path, flat: bool = False) -> Path:
+CHAT_CHARS = CHARS + "|_ABCDFGHIJKLNPQSTUVWXYZ?!.,'"  # ChatML's markers spelled out, and a user's sentences
+
+
+def tiny_chat(context_length: int = 256):
+    """A tiny random model that chats in ChatML, its markers spelled out in characters (so it has no end-of-turn
+    token: its replies end at <|im_end|> as a stop string, or at end-of-text)."""
+    torch.manual_seed(0)
+    tok = CharTokenizer(CHAT_CHARS, chat_template=ChatTemplate(CHATML))
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=context_length, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # untrained weights give almost equal probabilities; spread them so the tests can fail
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model.eval(), tok
+
+
+def make_run(folder: Path, flat: bool = False, chat: bool = False) -> Path:
     """A tiny run directory. flat: a model whose logits are all equal, so greedy decoding repeats token 0 and
-    never ends its text (a generation that runs exactly as long as it is allowed to)."""
-    model, tok = tiny()
+    never ends its text (a generation that runs exactly as long as it is allowed to). chat: tiny_chat's."""
+    model, tok = tiny_chat() if chat else tiny()
     if flat:
         with torch.no_grad():
             model.final_norm.weight.zero_()

@@ -190,7 +190,8 @@ BAD_REQUESTS = [
     ({"model": MODEL, "prompt": []}, 400, "prompt is an empty list"),
     ({"model": MODEL, "prompt": [37]}, 400, "the prompt has token id 37; this model's ids are 0 to 36"),
     ({"model": MODEL, "prompt": "ZEBRA"}, 400, "character 'Z' (U+005A) in the prompt at line 1, column 1 is not in"),
-    ({"model": MODEL, "logprobs": 1}, 400, "logprobs is not supported by potion serve"),
+    ({"model": MODEL, "logprobs": 21}, 400, "logprobs: input should be less than or equal to 20"),
+    ({"model": MODEL, "suffix": "x"}, 400, "suffix is not supported by potion serve"),
     ({"model": MODEL, "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage: input should be"),
     ({"model": "other"}, 404, "model 'other' is not served here"),
 ]

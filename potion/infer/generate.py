@@ -183,6 +183,7 @@ def generate_tokens(
     decode_dtype: str = "auto",
     draft_tokens: int | None = None,
     vocab_size: int = 0,
+    on_logits=None,
 ) -> Iterator[torch.Tensor]:
     """Yield next-token ids (B,) one step at a time. Stops after eot_id when every row has produced it.
 
@@ -191,10 +192,12 @@ def generate_tokens(
     past context_length tokens (each new token then sees at most context_length - 1 earlier ones). With
     draft_tokens > 0 (or None where it pays, see drafts_per_check) the steps are speculative (potion.infer.speculate).
     vocab_size > 0: only ids below it are drawn (the tokenizer's own, where the embedding has padding rows).
+    on_logits(logits (B, V), token (B,)) sees each token with the logits it was drawn from (potion.infer.logprobs);
+    the steps are then one token at a time, since a speculative check keeps no logits for the tokens it accepts.
     """
     rules = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "vocab_size": vocab_size}
     decode_as = decoding_dtype(model, decode_dtype)
-    drafts = drafts_per_check(model, idx.size(0), draft_tokens)
+    drafts = 0 if on_logits else drafts_per_check(model, idx.size(0), draft_tokens)
     if drafts > 0:
         adapt = draft_tokens is None
         yield from speculative_tokens(model, idx, max_new_tokens, rules, generator, eot_id, decode_as, drafts, adapt)
@@ -207,6 +210,8 @@ def generate_tokens(
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         token = sample_next(logits, **rules, generator=generator)
+        if on_logits is not None:
+            on_logits(logits, token)
         yield token
         if eot_id is not None:
             finished |= token == eot_id
@@ -331,11 +336,11 @@ def continue_prompt(model, tokenizer, idx: torch.Tensor, sampling: SamplingConfi
 
 
 def continuation(
-    model, tokenizer, idx: torch.Tensor, sampling: SamplingConfig, generator
+    model, tokenizer, idx: torch.Tensor, sampling: SamplingConfig, generator, on_logits=None
 ) -> Generator[str, None, Sample]:
     """continue_prompt one token at a time, for callers that interleave several continuations (potion serve):
     each step yields the text that settled with its token ("" while a stop string may be starting or a character
-    is half decoded), and the generator returns the Sample."""
+    is half decoded), and the generator returns the Sample. on_logits: see generate_tokens."""
     tokens = generate_tokens(
         model,
         idx,
@@ -348,6 +353,7 @@ def continuation(
         decode_dtype=sampling.decode_dtype,
         draft_tokens=sampling.draft_tokens,
         vocab_size=tokenizer.vocab_size,  # a padded embedding's extra rows are never drawn
+        on_logits=on_logits,
     )
     new_ids: list[int] = []
     text, shown, reason = "", 0, "length"

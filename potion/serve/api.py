@@ -1,5 +1,5 @@
-"""The OpenAI-compatible routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions (one JSON response,
-or server-sent events in OpenAI's chunk format with `stream: true`).
+"""The OpenAI-compatible routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions and POST
+/v1/chat/completions (one JSON response, or server-sent events in OpenAI's chunk format with `stream: true`).
 
 A client that goes away stops its generation: a stream's generator is closed when its connection drops, and a
 request waiting for a whole response listens for the disconnect while it waits.
@@ -16,16 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from potion.errors import PotionError
-from potion.serve.completions import (
-    FINISH_REASONS,
-    ChoiceEnd,
-    ChoiceText,
-    Completion,
-    CompletionRequest,
-    completion_steps,
-    prepare,
-)
+from potion.serve.chat import ChatCompletion, ChatRequest, prepare_chat
+from potion.serve.completions import Completion, CompletionRequest, completion_steps, prepare
 from potion.serve.errors import ApiError, from_validation
+from potion.serve.logprobs import Vocabulary
 from potion.serve.worker import Busy, Job, ModelWorker, ShuttingDown
 
 MAX_BODY = 1 << 20  # bytes; a prompt is at most a context's worth of tokens that matter
@@ -133,46 +127,66 @@ class OpenAIRoutes:
                 code="model_not_found",
             )
 
-    async def completions(self, request: Request) -> Response:
-        body: CompletionRequest = await parse(request, CompletionRequest)
+    def refuse_unsupported(self, body) -> None:
         self.check_model(body.model)
         if (name := body.unsupported()) is not None:
             raise ApiError(f"{name} is not supported by potion serve; leave it out", name)
+
+    async def completions(self, request: Request) -> Response:
+        body: CompletionRequest = await parse(request, CompletionRequest)
+        self.refuse_unsupported(body)
         try:
             sampling = body.sampling()
         except PotionError as e:
             raise ApiError(str(e), e.setting) from None
         served = self.served
         prompts, warnings = await run_in_threadpool(prepare, body, served.tokenizer, served.config.context_length)
-        completion = Completion(served.id, prompts, sampling.num_samples, bool(body.echo), warnings)
-        job = submit(self.worker, completion_steps(served, prompts, sampling))
+        vocabulary = Vocabulary(served.tokenizer) if body.logprobs is not None else None
+        completion = Completion(
+            model=served.id,
+            prompts=prompts,
+            n=sampling.num_samples,
+            echo=bool(body.echo),
+            warnings=warnings,
+            logprobs=body.logprobs,
+            vocabulary=vocabulary,
+        )
+        job = submit(self.worker, completion_steps(served, prompts, sampling, body.logprobs, bool(body.echo)))
+        return await self.respond(request, job, completion, body)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body: ChatRequest = await parse(request, ChatRequest)
+        self.refuse_unsupported(body)
+        top, served = body.top, self.served
+        prompt, sampling = await run_in_threadpool(prepare_chat, body, served.tokenizer, served.config.context_length)
+        vocabulary = Vocabulary(served.tokenizer) if top is not None else None
+        chat = ChatCompletion(model=served.id, prompt=prompt, vocabulary=vocabulary)
+        job = submit(self.worker, completion_steps(served, [prompt], sampling, top))
+        return await self.respond(request, job, chat, body)
+
+    async def respond(self, request: Request, job: Job, shape, body) -> Response:
+        """The whole response once the job is done, or (stream) its chunks as it goes."""
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(
-                self.stream(job, completion, usage), media_type="text/event-stream", headers=headers
-            )
-        if await while_connected(request, job, self.collect(job, completion)) is None:
+            return StreamingResponse(self.stream(job, shape, usage), media_type="text/event-stream", headers=headers)
+        if await while_connected(request, job, self.collect(job, shape)) is None:
             return Response(status_code=499)  # nobody reads it: the client has gone
-        return JSONResponse(completion.body())
+        return JSONResponse(shape.body())
 
     @staticmethod
-    async def collect(job: Job, completion: Completion) -> Completion:
+    async def collect(job: Job, shape):
         while True:
             event = await job.next_event()
             if event.kind == "error":
                 raise job_error(event.value)
             if event.kind == "done":
-                return completion
-            if isinstance(event.value, ChoiceEnd):
-                completion.samples[event.value.index] = event.value.sample
+                return shape
+            shape.take(event.value)
 
     @staticmethod
-    async def stream(job: Job, completion: Completion, include_usage: bool):
-        """Server-sent events: text chunks, a chunk with each choice's finish_reason, usage if asked, [DONE]. The
-        first chunk carries the warnings, if any (a prompt cut to the context)."""
-        started: set[int] = set()
-        warnings = {"warnings": completion.warnings} if completion.warnings else {}
+    async def stream(job: Job, shape, include_usage: bool):
+        """Server-sent events: the shape's chunks of each step, usage if asked, [DONE]."""
         try:
             while True:
                 event = await job.next_event()
@@ -181,26 +195,10 @@ class OpenAIRoutes:
                     return
                 if event.kind == "done":
                     break
-                for chunk in stream_chunks(completion, event.value, started):
-                    yield sse({**chunk, **warnings})
-                    warnings = {}
+                for chunk in shape.chunks(event.value):
+                    yield sse(chunk)
             if include_usage:
-                yield sse(completion.usage_chunk())
+                yield sse(shape.usage_chunk())
             yield sse("[DONE]")
         finally:
             job.cancel()  # the client went away mid-stream, or the stream ended: either way nothing more to make
-
-
-def stream_chunks(completion: Completion, item: ChoiceText | ChoiceEnd, started: set[int]) -> list[dict]:
-    """The chunks one step of the job makes: the echoed prompt before a choice's first text, its text, its end."""
-    chunks = []
-    if item.index not in started:
-        started.add(item.index)
-        if completion.echo:
-            chunks.append(completion.chunk(item.index, completion.prompt_of(item.index).text))
-    if isinstance(item, ChoiceText) and item.text:
-        chunks.append(completion.chunk(item.index, item.text))
-    elif isinstance(item, ChoiceEnd):
-        completion.samples[item.index] = item.sample
-        chunks.append(completion.chunk(item.index, "", FINISH_REASONS[item.sample.finish_reason]))
-    return chunks

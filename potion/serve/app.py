@@ -4,6 +4,10 @@ GET  /                     the live page (no key needed: it holds no data, and a
 GET  /v1/models            OpenAI-compatible
 GET  /v1/models/{model}
 POST /v1/completions
+POST /v1/chat/completions  through the model's chat template
+POST /tokenize             vLLM's tokenizer routes (lm-evaluation-harness's tokenizer_backend=remote reads them)
+POST /detokenize
+GET  /tokenizer_info
 POST /api/explain          the Explanation `potion explain` computes, as JSON
 GET  /api/training         the run's losses, probes, and whether it is still training
 GET  /api/health           the model's name, and how many requests it is generating and holding
@@ -28,6 +32,7 @@ from potion.serve.api import OpenAIRoutes
 from potion.serve.errors import ApiError
 from potion.serve.live import LiveRoutes
 from potion.serve.served import ServedModel
+from potion.serve.tokenize import TokenizerRoutes
 from potion.serve.worker import ModelWorker
 
 LOCAL_NAMES = {"127.0.0.1", "localhost", "[::1]"}
@@ -44,6 +49,7 @@ def build_app(
     local_only: answer only requests addressed to this machine by name (for a server on a loopback address)."""
     worker = worker or ModelWorker()
     api, live = OpenAIRoutes(served, worker), LiveRoutes(served, worker, needs_key=bool(api_key))
+    tokens = TokenizerRoutes(served, api.check_model)
 
     def keyed(endpoint):
         async def checked(request: Request) -> Response:
@@ -57,6 +63,10 @@ def build_app(
         Route("/v1/models", keyed(api.models), methods=["GET"]),
         Route("/v1/models/{model:path}", keyed(api.model), methods=["GET"]),
         Route("/v1/completions", keyed(api.completions), methods=["POST"]),
+        Route("/v1/chat/completions", keyed(api.chat_completions), methods=["POST"]),
+        Route("/tokenize", keyed(tokens.tokenize), methods=["POST"]),
+        Route("/detokenize", keyed(tokens.detokenize), methods=["POST"]),
+        Route("/tokenizer_info", keyed(tokens.tokenizer_info), methods=["GET"]),
         Route("/api/explain", keyed(live.explain), methods=["POST"]),
         Route("/api/training", keyed(live.training_state), methods=["GET"]),
         Route("/api/health", keyed(live.health), methods=["GET"]),
