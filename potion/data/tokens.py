@@ -1,5 +1,7 @@
 """DATA -> documents -> token file (numpy memmap, cached) -> train/validation splits -> batches.
 
+Conversations (chats JSONL) take their own path, in conversations.py.
+
 A corpus is a list of text files; each file is a document, and documents are joined with the end-of-text
 token. Files are read and tokenized in blocks, so a corpus of several GB needs bounded memory. The token file
 is cached under a key made of the corpus bytes and the tokenizer, so a second run skips tokenizing.
@@ -7,8 +9,6 @@ is cached under a key made of the corpus bytes and the tokenizer, so a second ru
 
 from __future__ import annotations
 
-import codecs
-import glob as globlib
 import hashlib
 import json
 import multiprocessing
@@ -29,102 +29,22 @@ import torch
 from tqdm import tqdm
 
 from potion.config import DataConfig
-from potion.data.corpora import BUILTIN, builtin_path, cache_root
+from potion.data.conversations import ConversationFile, chat_files, prepare_conversations
+from potion.data.corpora import cache_root
+from potion.data.sources import (  # find_files and read_blocks are imported from here too
+    check_not_empty,
+    corpus_key,
+    find_files,
+    iter_documents_blocks,
+    publish_folder,
+    read_blocks,
+    remove_abandoned,
+    token_dtype,
+)
 from potion.data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_json, train_tokenizer
 from potion.errors import PotionError
-from potion.formats.fileio import fsync_dir, fsync_file, hash_file, process_exists
 
-BLOCK_BYTES = 4 << 20  # read and tokenize 4 MB at a time
 PARALLEL_BYTES = 16 << 20  # below this a worker pool costs more than it saves
-
-
-# ---------------------------------------------------------------- finding and reading the text
-
-
-def absolute_data(spec: str) -> str:
-    """A local path or glob made absolute, so a run's config.json still finds its data from another folder."""
-    if spec in BUILTIN and not Path(spec).exists():
-        return spec
-    local = os.path.expanduser(spec)
-    if Path(local).exists() or any(ch in spec for ch in "*?["):
-        return os.path.abspath(local)
-    return spec
-
-
-def find_files(spec: str) -> list[Path]:
-    """A file, a directory (its files, recursively), a glob, or a built-in corpus name."""
-    if spec in BUILTIN and not Path(spec).exists():
-        spec = str(builtin_path(spec))
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
-        if not files:
-            raise PotionError(f"data directory '{spec}' has no files")
-        return files
-    if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
-        if not files:
-            raise PotionError(f"data glob '{spec}' matches no files")
-        return files
-    raise PotionError(f"data '{spec}' is not a file, a directory, a glob or a built-in corpus ({', '.join(BUILTIN)})")
-
-
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
-
-
-def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
-    """Decode a UTF-8 file block by block; a NUL byte or invalid UTF-8 is an error naming the byte offset."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0  # bytes of the file handed to the decoder so far
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(block_bytes)
-            final = not raw
-            nul = raw.find(b"\0")
-            if nul >= 0:
-                raise PotionError(
-                    f"'{path}' looks like a binary file (a NUL byte at byte offset {offset + nul}); "
-                    "potion trains on text"
-                )
-            try:
-                text = decoder.decode(raw, final=final)
-            except UnicodeDecodeError as e:
-                pending = len(decoder.getstate()[0]) if not final else 0
-                bad = offset - pending + e.start
-                raise PotionError(
-                    f"'{path}' is not valid UTF-8 at byte offset {max(bad, 0)}; convert it to UTF-8 first"
-                ) from None
-            offset += len(raw)
-            if text:
-                yield text
-            if final:
-                return
-
-
-def check_not_empty(files: list[Path]) -> list[Path]:
-    nonempty = [p for p in files if p.stat().st_size > 0]
-    if not nonempty:
-        raise PotionError(
-            f"data file '{files[0]}' is empty" if len(files) == 1 else f"all {len(files)} data files are empty"
-        )
-    return nonempty
-
-
-def corpus_key(files: list[Path]) -> str:
-    """sha256 over every file's bytes (and its position in the list): the cache key of the corpus."""
-    h = hashlib.sha256()
-    for i, p in enumerate(files):
-        h.update(f"{i}:{p.stat().st_size}:".encode())
-        hash_file(h, p)
-    return h.hexdigest()
-
-
-def iter_documents_blocks(files: list[Path]) -> Iterator[str]:
-    for p in files:
-        yield from read_blocks(p)
 
 
 # ---------------------------------------------------------------- tokenizing into a cached token file
@@ -174,15 +94,14 @@ class TokenSpan:
         return self[:] if dtype is None else self[:].astype(dtype)
 
 
-def token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
-
-
 def prepare(
     config: DataConfig, tokenizer: Tokenizer | None = None, data: str | None = None, quiet: bool = False
-) -> TokenFile:
-    """Tokenize the corpus (or reuse the cached tokens). Without a tokenizer, one is trained on the corpus."""
+) -> TokenFile | ConversationFile:
+    """Tokenize the corpus (or reuse the cached tokens). Without a tokenizer, one is trained on the corpus.
+    Conversations (.jsonl files) become a ConversationFile instead: one row of ids and reply mask each."""
     files = check_not_empty(find_files(data or config.data))
+    if chat_files(files):
+        return prepare_conversations(config, files, tokenizer, quiet)
     key = corpus_key(files)
     if tokenizer is None:
         tok_key = f"{config.tokenizer}{config.bpe_vocab_size if config.tokenizer == 'bpe' else ''}"
@@ -219,21 +138,7 @@ def _write_token_folder(folder: Path, files: list[Path], tokenizer: Tokenizer, q
         "files": [str(p) for p in files],
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    for name in ("tokens.bin", "tokenizer.json", "meta.json"):
-        fsync_file(tmp / name)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process wrote the same cache entry first; use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_dir(folder.parent)
-
-
-def remove_abandoned(folder: Path) -> None:
-    """Temporary folders for this cache entry left by processes that were killed (their process is gone)."""
-    for tmp in folder.parent.glob(folder.name + ".tmp*"):
-        pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and not process_exists(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+    publish_folder(tmp, folder, ("tokens.bin", "tokenizer.json", "meta.json"))
 
 
 def _open_token_file(folder: Path, tokenizer: Tokenizer | None) -> TokenFile:

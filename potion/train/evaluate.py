@@ -1,4 +1,5 @@
-"""Loss, perplexity and bits per byte of a model on a stream of tokens, and the quick estimate training uses."""
+"""Loss, perplexity and bits per byte of a model on a stream of tokens (or on conversations, their reply tokens
+alone), and the quick estimate training uses."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from potion.data.chat import IGNORE
+from potion.data.chat_batches import padded_batch
+from potion.data.conversations import ConversationSpan
 from potion.data.tokens import sequential_windows
 from potion.hardware import autocast
 
@@ -19,7 +23,10 @@ EVAL_PASS_TOKENS = 3072
 
 @torch.no_grad()
 def estimate_loss(model, batches: list, device: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss over fixed batches (of one shape), in training's precision: the figure logged at every evaluation."""
+    """Mean loss over fixed batches (of one shape), in training's precision: the figure logged at every evaluation.
+    Batches of conversations (targets IGNORE outside the replies) give the mean over their reply tokens."""
+    if any(bool((y == IGNORE).any()) for _, y in batches):
+        return estimate_reply_loss(model, batches, device, dtype)
     model.eval()
     per_pass = max(1, EVAL_PASS_TOKENS // batches[0][0].numel())
     total = torch.zeros((), device=device)
@@ -33,10 +40,40 @@ def estimate_loss(model, batches: list, device: torch.device, dtype: torch.dtype
     return float(total) / len(batches)
 
 
+@torch.no_grad()
+def estimate_reply_loss(model, batches: list, device: torch.device, dtype: torch.dtype) -> float:
+    """The mean loss over every reply token of conversation batches (of several widths): each batch's mean counted
+    once for each of its reply tokens. Batches of one width go through in one pass, as estimate_loss groups them."""
+    model.eval()
+    total, counted = torch.zeros((), device=device), 0
+    for group in same_shape_groups(batches):
+        x, y = torch.cat([x for x, _ in group]), torch.cat([y for _, y in group])
+        n = int((y != IGNORE).sum())
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float() * n
+        counted += n
+    model.train()
+    return float(total) / max(counted, 1)
+
+
+def same_shape_groups(batches: list) -> list[list]:
+    """Consecutive batches of one shape, as many to a group as make EVAL_PASS_TOKENS."""
+    groups = []
+    for batch in batches:
+        group = groups[-1] if groups else None
+        if group and group[0][0].shape == batch[0].shape and (len(group) + 1) * batch[0].numel() <= EVAL_PASS_TOKENS:
+            group.append(batch)
+        else:
+            groups.append([batch])
+    return groups
+
+
 def bytes_per_token(tokenizer, batches: list) -> float:
-    """Mean UTF-8 bytes of the predicted tokens in fixed batches: turns their loss into bits per byte."""
+    """Mean UTF-8 bytes of the predicted tokens in fixed batches (a conversation's reply tokens): turns their loss
+    into bits per byte."""
     byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths())
-    counts = [byte_lengths[y.cpu()] for _, y in batches]
+    counts = [byte_lengths[y[y != IGNORE].cpu()] for _, y in batches]
     return float(torch.cat([c.flatten() for c in counts]).double().mean())
 
 
@@ -49,8 +86,10 @@ def evaluate(model, tokenizer, tokens, batch_size: int = 16, quiet: bool = False
     """Mean next-token loss over non-overlapping context windows covering `tokens` (an array or a TokenSpan).
 
     bits_per_byte divides the total loss in bits by the UTF-8 bytes of the predicted text, which makes models
-    with different tokenizers comparable.
+    with different tokenizers comparable. Conversations (a ConversationSpan) count their reply tokens alone.
     """
+    if isinstance(tokens, ConversationSpan):
+        return evaluate_conversations(model, tokenizer, tokens, batch_size, quiet)
     device = next(model.parameters()).device
     T = model.config.context_length
     byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths())
@@ -67,6 +106,35 @@ def evaluate(model, tokenizer, tokens, batch_size: int = 16, quiet: bool = False
             total_nats += float(nats)
             total_tokens += y.numel()
             total_bytes += int(byte_lengths[y.cpu()].sum())
+    return figures(total_nats, total_tokens, total_bytes)
+
+
+@torch.no_grad()
+def evaluate_conversations(model, tokenizer, conversations: ConversationSpan, batch_size: int, quiet: bool) -> dict:
+    """evaluate's figures over the reply tokens of every conversation, each cut to the model's context."""
+    device = next(model.parameters()).device
+    T = model.config.context_length
+    byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths())
+    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    model.eval()
+    for start in tqdm(range(0, len(conversations), batch_size), desc="evaluating", disable=quiet, leave=False):
+        stop = min(start + batch_size, len(conversations))
+        rows = [row for i in range(start, stop) if len((row := conversations.conversation(i, T + 1))[0]) >= 2]
+        if not rows:  # conversations of one token predict nothing
+            continue
+        x, y = padded_batch(rows, T, tokenizer.eot_id)
+        logits, y = model(x.to(device)), y.to(device)
+        nats = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        total_nats += float(nats)
+        counted = y[y != IGNORE].cpu()
+        total_tokens += counted.numel()
+        total_bytes += int(byte_lengths[counted].sum())
+    return figures(total_nats, total_tokens, total_bytes)
+
+
+def figures(total_nats: float, total_tokens: int, total_bytes: int) -> dict:
     loss = total_nats / max(total_tokens, 1)
     return {
         "loss": loss,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from potion.config import RunConfig
+from potion.data.chat_batches import ChatBatches, describe
 from potion.errors import PotionError
 from potion.formats.run import SavedRun
 from potion.hardware import autocast
@@ -41,6 +42,7 @@ def train(
     SavedRun the caller has already read.
     """
     with training(config, out, resume, quiet) as t:
+        note_conversations(t)
         run_loop(t)
     if t.stop_request.is_set():
         log(f"potion: stopped at step {t.state.step} and saved; continue with: potion train --resume --out {t.run_dir}")
@@ -51,6 +53,18 @@ def host_read_interval(device: torch.device) -> int:
     """Steps between reads of the non-finite counts: every step on a CPU, where a read costs nothing, so a streak
     stops training at once; on a GPU only when the loss is logged anyway, so steps queue up without waiting."""
     return 1 if device.type == "cpu" else LOG_EVERY
+
+
+def note_conversations(t: Training) -> None:
+    """A chat run says at its start what its data costs (conversations cut to the context, the share of padding),
+    and log.jsonl keeps it as a row of its own at the first step."""
+    if not isinstance(t.batches, ChatBatches):
+        return
+    facts = t.batches.facts
+    if t.run_log is not None and t.resumed_at is None:
+        t.run_log.write(kind="data", step=t.state.step, **facts)
+    if not t.quiet:
+        log(describe(facts, t.config.model.context_length))
 
 
 # ---------------------------------------------------------------- the loop and its phases

@@ -14,8 +14,11 @@ from pathlib import Path
 import torch
 
 from potion.config import RunConfig, check_architecture
+from potion.data.chat_batches import chat_training_data
+from potion.data.conversations import ConversationFile, is_chat_data
+from potion.data.sources import absolute_data
 from potion.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
-from potion.data.tokens import Batches, absolute_data, fixed_batches, prepare
+from potion.data.tokens import Batches, fixed_batches, prepare
 from potion.errors import PotionError
 from potion.explain import check_probe
 from potion.formats.fileio import atomic_write_text
@@ -43,6 +46,7 @@ from potion.train.preflight import check_training_fits, check_weights_match
 from potion.train.report import log, start_progress
 from potion.train.state import LoopState, Training
 from potion.train.trackers import check_installed, open_trackers
+from potion.train.vocab import chat_vocabulary
 
 
 @contextlib.contextmanager
@@ -114,10 +118,14 @@ def fine_tune_source(config: RunConfig, run_dir: Path, resume: bool) -> tuple[To
     if resume and ckpt.complete_checkpoints(run_dir):
         return load_tokenizer(run_dir / "tokenizer.json"), None
     source = load(config.train.init_from)
-    check_architecture(config.model, source.config.model, config.train.init_from)
+    # the vocabulary follows the tokenizer, which conversations may give ChatML's tokens (chat_vocabulary)
+    ours = replace(config.model, vocab_size=source.config.model.vocab_size)
+    check_architecture(ours, source.config.model, config.train.init_from)
     weights = ckpt.model_state(source.model)
     if config.model.positions == "learned":  # a shorter context keeps the first rows of the position table
         weights["position_embedding.weight"] = weights["position_embedding.weight"][: config.model.context_length]
+    if is_chat_data(config.data.data):
+        return chat_vocabulary(source.tokenizer, weights)
     return source.tokenizer, weights
 
 
@@ -139,6 +147,8 @@ def training_data(config: RunConfig, token_file) -> tuple[Batches, dict, int]:
     train_tokens, val_tokens = token_file.split(config.data.val_fraction)
     if tc.probe:
         check_probe(token_file.tokenizer, tc.probe, T)  # fail now, not after the first evaluation
+    if isinstance(token_file, ConversationFile):  # one conversation a row, the loss on its replies alone
+        return chat_training_data(train_tokens, val_tokens, T, tc, distributed.my_rows(tc.batch_size))
     batches = Batches(train_tokens, T, tc.batch_size, tc.seed, "training", distributed.my_rows(tc.batch_size))
     eval_sets = {
         "train": fixed_batches(train_tokens, T, tc.batch_size, tc.eval_batches, tc.seed + 1, "training"),
