@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -14,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from test_explain import CHARS, tiny
@@ -44,10 +46,10 @@ def tiny_chat(context_length: int = 256):
     return model.eval(), tok
 
 
-def make_run(folder: Path, flat: bool = False, chat: bool = False) -> Path:
+def make_run(folder: Path, flat: bool = False, chat: bool = False, context_length: int | None = None) -> Path:
     """A tiny run directory. flat: a model whose logits are all equal, so greedy decoding repeats token 0 and
     never ends its text (a generation that runs exactly as long as it is allowed to). chat: tiny_chat's."""
-    model, tok = tiny_chat() if chat else tiny()
+    model, tok = tiny_chat(context_length or 256) if chat else tiny(context_length=context_length or 32)
     if flat:
         with torch.no_grad():
             model.final_norm.weight.zero_()
@@ -113,3 +115,27 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+IDLE = {"generating": 0, "waiting": 0}
+
+
+def open_events(url: str, path: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A streaming request whose first five events have arrived; the caller closes it."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    for _ in range(5):
+        assert response.readline().startswith(b"data: ") and response.readline() == b"\n"
+    return connection, response
+
+
+def seconds_until_idle_of(server: Server, model: str, limit: float = 10) -> float:
+    """How long until the server generates nothing, and holds nothing waiting."""
+    started = time.monotonic()
+    while server.request("GET", "/api/health")[1] != {"status": "ok", "model": model, **IDLE}:
+        assert time.monotonic() - started < limit, "the generation went on after its client left"
+        time.sleep(0.02)
+    return time.monotonic() - started

@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import Server, make_run
+from serving import IDLE, Server, make_run, open_events, seconds_until_idle_of
 
 import potion
 from potion.cli import main
@@ -132,6 +133,51 @@ def test_echo_greedy_and_token_prompts(client, local):
     assert two.choices[1].text == by_ids.choices[0].text and two.usage.prompt_tokens == 2 + 6
 
 
+def forward_log_softmax(local, ids: list[int]):
+    """The model's log-probabilities at every position of ids, from one plain forward pass: (T, V)."""
+    with torch.no_grad():
+        return local.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+
+
+def test_logprobs_are_the_models_log_softmax_of_each_token(client, local):
+    plain = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=12, seed=4)
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=12, seed=4, logprobs=3, echo=True)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    assert text == "ROMEO:" + plain.choices[0].text  # asking for logprobs changes nothing that is drawn
+    assert "".join(lp.tokens) == text and lp.text_offset == list(range(len(text)))  # one character per token
+    ids = local.tokenizer.encode(text)
+    expected = forward_log_softmax(local, ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing comes before the first token
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - float(expected[i - 1, ids[i]])) < 1e-4
+        values, top = expected[i - 1].topk(3)
+        want = {local.tokenizer.token_text(int(t)): float(v) for t, v in zip(top, values)}
+        assert lp.top_logprobs[i].keys() == want.keys()
+        assert all(abs(lp.top_logprobs[i][k] - want[k]) < 1e-4 for k in want)
+    scored = client.completions.create(model=MODEL, prompt=ids[:6], max_tokens=0, logprobs=3, echo=True)
+    assert scored.choices[0].text == "ROMEO:" and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:6]  # the prompt alone, from its ids
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt="ROMEO:", max_tokens=12, seed=4, logprobs=3, echo=True, stream=True
+        )
+    )
+    parts = [c.choices[0].logprobs for c in streamed if c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [v for p in parts for v in p.token_logprobs] == lp.token_logprobs
+    assert [v for p in parts for v in p.text_offset] == lp.text_offset
+    without = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=12, seed=4, logprobs=0)
+    assert without.choices[0].logprobs.token_logprobs == lp.token_logprobs[6:]
+    assert without.choices[0].logprobs.top_logprobs == [{}] * 12 and without.choices[0].logprobs.text_offset[0] == 0
+
+
+def test_chat_with_a_model_that_has_no_chat_template_is_one_400(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
+    status, answer = server.request("POST", "/v1/chat/completions", body, AUTH)
+    assert status == 400 and answer["error"]["message"].startswith("this model has no chat template")
+    assert "\n" not in answer["error"]["message"]
+
+
 def test_prompt_longer_than_the_context_keeps_its_last_tokens_and_says_so(client):
     long = "ab" * 25  # 50 tokens; the context is 32
     r = client.completions.create(model=MODEL, prompt=long, max_tokens=4, temperature=0)
@@ -151,9 +197,6 @@ def test_api_key_is_required(server, client):
     status, body = server.request("POST", "/api/explain", {"prompt": "ab"})
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     assert server.request("GET", "/api/health", headers=AUTH) == (200, {"status": "ok", "model": MODEL, **IDLE})
-
-
-IDLE = {"generating": 0, "waiting": 0}
 
 
 def test_openai_client_raises_its_errors(client):
@@ -300,25 +343,13 @@ def flat_run(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("serve") / "flat", flat=True)
 
 
-def open_stream(url: str, max_tokens: int = 4096) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """A streaming completion whose first chunks have arrived; the caller closes it."""
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+def open_stream(url: str, max_tokens: int = 4096):
     body = {"model": "flat", "prompt": "ab", "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    assert response.status == 200
-    for _ in range(5):
-        assert response.readline().startswith(b"data: ") and response.readline() == b"\n"
-    return connection, response
+    return open_events(url, "/v1/completions", body)
 
 
 def seconds_until_idle(server: Server, limit: float = 10) -> float:
-    started = time.monotonic()
-    while server.request("GET", "/api/health")[1] != {"status": "ok", "model": "flat", **IDLE}:
-        assert time.monotonic() - started < limit, "the generation went on after its client left"
-        time.sleep(0.02)
-    return time.monotonic() - started
+    return seconds_until_idle_of(server, "flat", limit)
 
 
 def test_a_client_that_leaves_stops_its_generation(flat_run):
