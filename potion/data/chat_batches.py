@@ -29,9 +29,10 @@ MEASURED_BATCHES = 100  # the first training batches, drawn ahead to measure the
 
 
 def padded_batch(rows: list[tuple[np.ndarray, np.ndarray]], context_length: int, pad_id: int):
-    """(inputs, targets), each (B, W) int64, from conversations' (ids, reply mask) of at most context_length + 1
-    tokens: W is the longest row's length rounded up to PAD_MULTIPLE (at most context_length); a target that is
-    not a reply token, or is padding, is IGNORE."""
+    """(inputs, targets), each (B, W) int64, from conversations' (ids, reply mask), each cut to its first
+    context_length + 1 tokens: W is the longest row's length rounded up to PAD_MULTIPLE (at most context_length);
+    a target that is not a reply token, or is padding, is IGNORE."""
+    rows = [(ids[: context_length + 1], learned[: context_length + 1]) for ids, learned in rows]
     longest = max(len(ids) - 1 for ids, _ in rows)
     width = min(context_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
     x = np.full((len(rows), width), pad_id, dtype=np.int64)
