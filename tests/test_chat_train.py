@@ -247,10 +247,11 @@ def test_potions_tokenizers_encode_chatml_tokens_as_one_and_keep_them_in_tokeniz
         again = tokenizer_from_json(tokenizer.to_json())
         assert again.encode(f"{IM_START}a cat{IM_END}") == tokenizer.encode(f"{IM_START}a cat{IM_END}")
         assert again.chat_template.source == tokenizer.chat_template.source and again.eot_id == tokenizer.eot_id
-    plain = CharTokenizer.train([text])
-    grown = plain.with_chat_tokens()
-    assert grown.vocab_size == plain.vocab_size + 2 and grown.encode("the cat") == plain.encode("the cat")
-    assert len(plain.encode(IM_END)) == len(IM_END)  # a plain vocabulary spells it out, as it always did
+    for plain in (CharTokenizer.train([text]), BPETokenizer.train([text * 20], 300)):
+        grown = plain.with_chat_tokens()
+        assert grown.vocab_size == plain.vocab_size + 2 and grown.encode("the cat") == plain.encode("the cat")
+        assert len(grown.encode(IM_END)) == 1 and grown.eot_id == plain.eot_id
+    assert len(plain.encode(IM_END)) > 1  # a vocabulary without it spells it out, as it always did
 
 
 def test_a_model_without_chatml_gets_two_tokens_whose_embeddings_start_as_the_mean(tmp_path, chats):
