@@ -98,10 +98,12 @@ class ModelConfig:
 class DataConfig:
     """Where the text comes from and how it becomes tokens."""
 
-    data: str = "pydocs"  # a file, a directory, a glob, or a built-in name: pydocs | shakespeare
+    # a file, a directory, a glob, or a built-in name: pydocs | pydocs-chat | shakespeare; .jsonl files (and
+    # pydocs-chat) are conversations, {"messages": [{"role", "content"}, ...]} a line, trained on their replies
+    data: str = "pydocs"
     tokenizer: str = "char"  # char | bpe
     bpe_vocab_size: int = 4096
-    val_fraction: float = 0.1  # the last part of the token stream is the validation split
+    val_fraction: float = 0.1  # the last part of the token stream (or of the conversations) is the validation split
 
     def __post_init__(self):
         check_types(self, "data")
