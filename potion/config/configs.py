@@ -15,6 +15,7 @@ from potion.errors import PotionError
 MAX_SOFTCAP = 10_000.0
 MAX_BPE_VOCAB = 1 << 24  # token files store ids as uint32; the tokenizers library counts in 32 bits
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.log_to's choices: potion.train.trackers, each an extra
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # train.lora_targets' choices: potion.model.lora
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,12 @@ class TrainConfig:
     compile: str = "auto"  # auto | on | off (auto: for runs long enough to repay it, hardware.compiles_by_default)
     parallel: str = "auto"  # with several processes (torchrun): auto | ddp | fsdp (auto: ddp when the model fits)
     log_to: str = ""  # trackers besides log.jsonl: tensorboard | wandb | mlflow, or several ("tensorboard,wandb")
+    # LoRA: train small low-rank adapters beside frozen weights instead of every weight (a fine-tune that keeps
+    # only the adapters and their optimizer state: a fraction of the memory and of the checkpoints)
+    lora_rank: int = 0  # the adapters' rank r; 0 = off (every weight is trained)
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank (peft's and litgpt's rule)
+    lora_dropout: float = 0.0  # dropout on what the adapters read (the frozen projection reads its input whole)
+    lora_targets: str = "q,k,v,o"  # the projections adapted: q, k, v, o (attention), gate, up, down, or all
 
     def __post_init__(self):
         check_types(self, "train")
@@ -165,10 +172,17 @@ class TrainConfig:
         for name in trackers:
             check_choice("log_to", name, TRACKERS)
         object.__setattr__(self, "log_to", ",".join(trackers))  # one spelling of it; frozen: this is its construction
+        targets = {name.strip() for name in self.lora_targets.split(",") if name.strip()}
+        for name in targets:
+            check_choice("lora_targets", name, (*LORA_TARGETS, "all"))
+        spelled = "all" if "all" in targets else ",".join(name for name in LORA_TARGETS if name in targets)
+        object.__setattr__(self, "lora_targets", spelled)  # one spelling (in the model's order), as log_to
+        if self.lora_rank > 0 and not spelled:
+            raise PotionError("train.lora_targets names no projection; choose from q, k, v, o, gate, up, down or all")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise PotionError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "checkpoint_every", "sample_tokens", "keep_checkpoints"):
+        for name in ("max_steps", "warmup_steps", "checkpoint_every", "sample_tokens", "keep_checkpoints", "lora_rank"):
             if getattr(self, name) < 0:
                 raise PotionError(f"train.{name} must not be negative, got {getattr(self, name)}")
         for name in ("learning_rate", "muon_lr"):
@@ -178,8 +192,10 @@ class TrainConfig:
             check_range(self, "train", name, 0.0)
         for name in ("min_lr_ratio", "decay_fraction"):
             check_range(self, "train", name, 0.0, 1.0)
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "lora_dropout"):
             check_range(self, "train", name, 0.0, 1.0, top_open=True)
+        if self.lora_alpha <= 0:
+            raise PotionError(f"train.lora_alpha must be positive, got {self.lora_alpha}")
         check_seed(self.seed, "train.seed")
 
 

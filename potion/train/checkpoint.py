@@ -1,8 +1,12 @@
 """Weights and resume checkpoints, as safetensors + JSON (never pickle).
 
-    model.safetensors    the weights (a tied output head is stored once, as the token embedding)
+    model.safetensors    the weights (a tied output head is stored once, as the token embedding); a LoRA run's
+                         with its adapters merged in, so that every command reads it as any model
+    adapter.safetensors  a LoRA run's adapters alone, of the same model (potion.model.lora's names)
     checkpoints/step-N/  model.safetensors, optimizer.safetensors (optimizer state and RNG states),
-                         state.json (the training loop's state), COMPLETE
+                         state.json (the training loop's state), COMPLETE; a LoRA run's hold adapter.safetensors
+                         instead of model.safetensors: only the adapters train, and the frozen weights are
+                         train.init_from's, read from there again on resume
 
 A checkpoint folder gets its name only once all its files are on disk, and its COMPLETE marker records the sha256
 of each file: a checkpoint cut short or corrupted later is never resumed from; the previous good one is used.
@@ -23,11 +27,13 @@ from safetensors.torch import load_file, save_file
 from potion.errors import PotionError
 from potion.formats.fileio import atomic_write, atomic_write_text, fsync_dir, sha256_file, write_failed
 from potion.model import GPT
+from potion.model.lora import adapter_state, has_adapters, merged_state
 from potion.parallel.sharded import placed_like, whole_on_main
 from potion.parallel.world import gather_objects, is_main, world
-from potion.train.preflight import check_optimizer_file, check_weights_match
+from potion.train.preflight import check_optimizer_file, check_weights_match, compare_tensors, read_header
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+ADAPTER_FILE = "adapter.safetensors"
 
 
 # ---------------------------------------------------------------- safetensors files
@@ -56,8 +62,9 @@ def unwrap(model: torch.nn.Module) -> GPT:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as a plain GPT holds them: a model with LoRA adapters gives its merged weights."""
     gpt = unwrap(model)
-    state = gpt.state_dict()
+    state = merged_state(gpt) if has_adapters(gpt) else gpt.state_dict()
     if gpt.config.tie_embeddings:
         state.pop("head.weight", None)  # the same tensor as token_embedding.weight; stored once
     return state
@@ -65,9 +72,7 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_model_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    damaged = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-    if damaged is not None:  # potion never saves such weights: a flipped bit, or a file made to crash its reader
-        raise PotionError(f"'{source}' is damaged: {damaged} holds numbers that are not finite (NaN or inf)")
+    refuse_nonfinite(state, source)
     if model.config.tie_embeddings:
         state.pop("head.weight", None)
     targets = model.state_dict()  # sharded over the processes with FSDP: each takes its part
@@ -83,6 +88,41 @@ def load_model_state(model: GPT, state: dict[str, torch.Tensor], source: str) ->
         raise PotionError(
             f"'{source}' does not match the model in config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+def refuse_nonfinite(state: dict[str, torch.Tensor], source: str) -> None:
+    damaged = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if damaged is not None:  # potion never saves such weights: a flipped bit, or a file made to crash its reader
+        raise PotionError(f"'{source}' is damaged: {damaged} holds numbers that are not finite (NaN or inf)")
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+
+def trained_state(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
+    """The weights a checkpoint keeps, and their file: a LoRA run's adapters alone (the frozen weights are its
+    train.init_from's), else every weight."""
+    gpt = unwrap(model)
+    if has_adapters(gpt):
+        return ADAPTER_FILE, adapter_state(gpt)
+    return "model.safetensors", model_state(gpt)
+
+
+def save_adapters(run_dir: Path, model: torch.nn.Module) -> None:
+    """adapter.safetensors beside model.safetensors, for a model with LoRA adapters (nothing otherwise)."""
+    gpt = unwrap(model)
+    if has_adapters(gpt):
+        save_tensors(run_dir / ADAPTER_FILE, adapter_state(gpt))
+
+
+def load_adapters(model: GPT, path: Path) -> None:
+    """Adapters saved by trained_state into a model that has the same ones; the file's names and shapes are
+    checked before its tensors are read (a checkpoint may be a stranger's)."""
+    expected = {name: tuple(tensor.shape) for name, tensor in adapter_state(model).items()}
+    compare_tensors(expected, read_header(path), f"'{path}' does not match config.json", "config.json")
+    state = load_tensors(path)
+    refuse_nonfinite(state, str(path))
+    model.load_state_dict(state, strict=False)  # every adapter is there (compared above); the rest stays
 
 
 # ---------------------------------------------------------------- resume checkpoints
@@ -170,7 +210,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizers, state: dict, ke
     root = run_dir / "checkpoints"
     final = root / f"step-{step:08d}"
     opt_tensors, groups = _flatten_optimizer(optimizers)
-    weights, opt_tensors, rng = whole_on_main(model_state(model)), whole_on_main(opt_tensors), gathered_rng_states()
+    weights_file, weights = trained_state(model)
+    weights, opt_tensors, rng = whole_on_main(weights), whole_on_main(opt_tensors), gathered_rng_states()
     if not is_main():
         return final
     tmp = root / f".step-{step:08d}.tmp{os.getpid()}"
@@ -178,10 +219,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizers, state: dict, ke
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_tensors(tmp / "model.safetensors", weights)
+        save_tensors(tmp / weights_file, weights)
         save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **rng})
         atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer_groups": groups}, indent=1))
-        hashes = {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES}
+        hashes = {name: sha256_file(tmp / name) for name in checkpoint_files(tmp)}
         atomic_write_text(tmp / "COMPLETE", json.dumps({"sha256": hashes}, indent=1))
         if final.exists():
             _remove(final)
@@ -228,6 +269,12 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "COMPLETE").is_file())
 
 
+def checkpoint_files(path: Path) -> tuple[str, ...]:
+    """The files of a checkpoint: a LoRA run's hold adapter.safetensors where others hold model.safetensors."""
+    weights = ADAPTER_FILE if (path / ADAPTER_FILE).is_file() else "model.safetensors"
+    return (weights, *CHECKPOINT_FILES[1:])
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why this checkpoint cannot be trusted (a missing file, a sha256 that does not match), or None."""
     try:
@@ -235,7 +282,7 @@ def checkpoint_problem(path: Path) -> str | None:
         hashes = json.loads(marker)["sha256"] if marker.strip() else {}  # an empty marker: written before hashes
     except (OSError, ValueError, KeyError, TypeError):
         return "its COMPLETE marker is unreadable"
-    for name in CHECKPOINT_FILES:
+    for name in checkpoint_files(path):
         if not (path / name).is_file():
             return f"{name} is missing"
         if name in hashes and sha256_file(path / name) != hashes[name]:
@@ -255,9 +302,14 @@ def load_checkpoint(path: Path, model, optimizers) -> tuple[dict, dict]:
         raise PotionError(f"'{path / 'state.json'}' is damaged ({e})") from None
     if not isinstance(state, dict) or not isinstance(state.get("optimizer_groups"), list):
         raise PotionError(f"'{path / 'state.json'}' is damaged (no optimizer_groups)")
-    check_weights_match(unwrap(model).config, path / "model.safetensors")
+    gpt, weights = unwrap(model), path / "model.safetensors"
+    if not has_adapters(gpt):
+        check_weights_match(gpt.config, weights)
     check_optimizer_file(path / "optimizer.safetensors", optimizers)
-    load_model_state(unwrap(model), load_tensors(path / "model.safetensors"), str(path / "model.safetensors"))
+    if has_adapters(gpt):
+        load_adapters(gpt, path / ADAPTER_FILE)
+    else:
+        load_model_state(gpt, load_tensors(weights), str(weights))
     tensors = load_tensors(path / "optimizer.safetensors")
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     optimizer_tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}

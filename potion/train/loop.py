@@ -152,7 +152,8 @@ def evaluate(t: Training) -> float:
         t.state.best_val_loss, t.progress.best_step = val_loss, t.state.step
         weights = sharded.whole_on_main(ckpt.model_state(t.model))
         if is_main():
-            ckpt.save_tensors(t.run_dir / "model.safetensors", weights)
+            ckpt.save_tensors(t.run_dir / "model.safetensors", weights)  # a LoRA run's: adapters merged in
+            ckpt.save_adapters(t.run_dir, t.model)  # and a LoRA run's adapters alone, beside it
     return val_loss
 
 

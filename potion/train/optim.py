@@ -56,23 +56,21 @@ def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
-    """A list of optimizers stepped together (one for AdamW; Muon adds a second for the hidden matrices)."""
+    """A list of optimizers stepped together (one for AdamW; Muon adds a second for the hidden matrices, and is the
+    only one where those are all that trains, as with LoRA adapters)."""
     muon_params = hidden_matrices(model) if config.optimizer == "muon" else []
     muon_ids = {id(p) for p in muon_params}
     groups = [
         {**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
         for g in parameter_groups(model, config.weight_decay)
     ]
+    groups = [g for g in groups if g["params"]]  # none with LoRA and Muon: every adapter is a hidden matrix
     for g in groups:
         g["peak_lr"] = config.learning_rate
-    optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(
-            [g for g in groups if g["params"]],
-            lr=config.learning_rate,
-            betas=(config.beta1, config.beta2),
-            fused=has_fused_adamw(device_type) or None,
-        )
-    ]
+    optimizers: list[torch.optim.Optimizer] = []
+    if groups:
+        betas, fused = (config.beta1, config.beta2), has_fused_adamw(device_type) or None
+        optimizers.append(torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused))
     if muon_params:
         # bf16 Newton-Schulz where bf16 is fast (on CPUs without bf16 hardware it would be hundreds of times
         # slower), unless the run asks for fp32: then every step is in fp32

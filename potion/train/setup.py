@@ -36,7 +36,7 @@ from potion.formats.run import (
     write_config,
 )
 from potion.hardware import compiles_by_default, keep_freed_memory, maybe_compile, pick_device, pick_dtype, set_threads
-from potion.model import GPT
+from potion.model import GPT, lora
 from potion.parallel import world as distributed
 from potion.parallel.world import is_main
 from potion.train import checkpoint as ckpt
@@ -60,6 +60,8 @@ def training(
     main = is_main()  # with several processes (torchrun), rank 0 alone writes the run directory and reports
     quiet = quiet or not main
     config = replace(config, data=replace(config.data, data=absolute_data(config.data.data)))
+    config = with_absolute_base(config)
+    check_lora(config)
     run_dir = distributed.from_main(lambda: resumed_run_dir(out, config) if resume else Path(out or new_run_dir()))
     if not resume and main:
         refuse_existing(run_dir)
@@ -115,8 +117,11 @@ def fine_tune_source(config: RunConfig, run_dir: Path, resume: bool) -> tuple[To
     resuming from a checkpoint, which holds its own). Without: nothing; the data's own tokenizer is trained."""
     if not config.train.init_from:
         return None, None
-    if resume and ckpt.complete_checkpoints(run_dir):
+    lora_rank = config.train.lora_rank  # a LoRA run's checkpoints hold adapters alone: the base is read again
+    if resume and ckpt.complete_checkpoints(run_dir) and not lora_rank:
         return load_tokenizer(run_dir / "tokenizer.json"), None
+    if resume and lora_rank:
+        check_base_is_there(config.train.init_from, run_dir)
     source = load(config.train.init_from)
     # the vocabulary follows the tokenizer, which conversations may give ChatML's tokens (chat_vocabulary)
     ours = replace(config.model, vocab_size=source.config.model.vocab_size)
@@ -127,6 +132,44 @@ def fine_tune_source(config: RunConfig, run_dir: Path, resume: bool) -> tuple[To
     if is_chat_data(config.data.data):
         return chat_vocabulary(source.tokenizer, weights)
     return source.tokenizer, weights
+
+
+def with_absolute_base(config: RunConfig) -> RunConfig:
+    """A LoRA run's init_from as an absolute path when it is one: every resume reads the frozen weights there
+    again, from whatever folder it is run in."""
+    spec = config.train.init_from
+    if not config.train.lora_rank or not spec or not Path(spec).expanduser().exists():
+        return config  # also a Hugging Face model name, found in the cache
+    return replace(config, train=replace(config.train, init_from=str(Path(spec).expanduser().resolve())))
+
+
+def check_lora(config: RunConfig) -> None:
+    """The LoRA settings that a TrainConfig cannot judge alone: adapters need a pretrained model, with the
+    projections they name, whole on each process."""
+    tc, m = config.train, config.model
+    if not tc.lora_rank:
+        return
+    if not tc.init_from:
+        raise PotionError(
+            "train.lora_rank adapts a pretrained model: name it with --init-from (a run, a GGUF file, a Hugging Face "
+            "folder or name), or set lora_rank = 0 to train every weight"
+        )
+    if "gate" in lora.chosen_targets(tc.lora_targets, m) and "gate" not in lora.available_targets(m):
+        raise PotionError(
+            f"train.lora_targets names gate, but this model's feed-forward has none (mlp_activation = "
+            f"{m.mlp_activation}; only swiglu has a gate); leave gate out"
+        )
+    if tc.parallel == "fsdp":
+        raise PotionError("train.parallel = fsdp shards weights that LoRA keeps frozen and whole: use ddp or auto")
+
+
+def check_base_is_there(spec: str, run_dir: Path) -> None:
+    path = Path(spec).expanduser()
+    if (path.is_absolute() or path.suffix.lower() == ".gguf") and not path.exists():
+        raise PotionError(
+            f"'{run_dir}' is a LoRA run: its checkpoints hold only the adapters, and its base model '{spec}' "
+            "(train.init_from in config.json) is not there any more; put it back to resume, or train into a new --out"
+        )
 
 
 def tokens_as_on_main(config: RunConfig, token_file, quiet: bool):
@@ -183,6 +226,8 @@ def start(
     progress = start_progress(
         config, model, device, dtype, state.step, started, quiet, n_train_tokens, run_dir, parallel
     )
+    if config.train.lora_rank:
+        describe_adapters(model, config, progress, quiet)
     compile_model = wants_compile(config, device, dtype, progress.flops_per_token, progress.peak_tflops, state.step)
     cuda_graphs = compile_model and uses_cuda_graphs(device, parallel)
     if compile_model and not quiet:
@@ -215,6 +260,19 @@ def start(
         quiet=quiet,
         trackers=open_trackers(config, run_dir, state.step if resume else None, quiet) if main else [],
     )
+
+
+def describe_adapters(model: GPT, config: RunConfig, progress, quiet: bool) -> None:
+    """Say what a LoRA run trains, and count its FLOPs as a LoRA step computes them (MFU, and whether to compile)."""
+    progress.flops_per_token = lora.training_flops_per_token(model)
+    if not quiet:
+        tc = config.train
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        where = "every projection" if tc.lora_targets == "all" else tc.lora_targets
+        log(
+            f"potion: LoRA rank {tc.lora_rank} (alpha {tc.lora_alpha:g}) on {where} of every block: {trained:,} "
+            f"adapter weights train, the model's {model.num_parameters() - trained:,} stay frozen"
+        )
 
 
 def write_run_files(run_dir: Path, config: RunConfig, tokenizer: Tokenizer) -> None:
@@ -260,14 +318,17 @@ def uses_cuda_graphs(device: torch.device, parallel: str) -> bool:
 def build_model(config: RunConfig, device: torch.device, dtype: torch.dtype, init_weights: dict | None) -> tuple:
     """(the model, the model as the processes share it, ddp | fsdp | "", the optimizers). Every process builds the
     same weights from the same seed (and files); then each draws its own dropout."""
-    torch.manual_seed(config.train.seed)  # the initial weights, and dropout's draws from here on
+    tc = config.train
+    torch.manual_seed(tc.seed)  # the initial weights, and dropout's draws from here on
     model = GPT(config.model)
     if init_weights is not None:
-        ckpt.load_model_state(model, init_weights, config.train.init_from)
+        ckpt.load_model_state(model, init_weights, tc.init_from)
+    if tc.lora_rank:  # every weight freezes; the adapters beside the chosen projections are all that trains
+        lora.add_adapters(model, tc.lora_targets, tc.lora_rank, tc.lora_alpha, tc.lora_dropout)
     model.to(device)
     if distributed.world().rank:
-        torch.manual_seed(config.train.seed + distributed.world().rank)
-    shared, parallel = distributed.parallelize(model, config.train.parallel, device, dtype)
+        torch.manual_seed(tc.seed + distributed.world().rank)
+    shared, parallel = distributed.parallelize(model, "ddp" if tc.lora_rank else tc.parallel, device, dtype)
     return model, shared, parallel, make_optimizer(model, config.train, device.type)
 
 

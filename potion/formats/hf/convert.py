@@ -84,6 +84,9 @@ def model_card(run, name: str) -> str:
     ]
     if c.train.init_from:
         rows.append(("initialised from", f"`{c.train.init_from}`"))
+    if c.train.lora_rank:
+        adapted = f"LoRA rank {c.train.lora_rank}, alpha {c.train.lora_alpha:g}, on {c.train.lora_targets}"
+        rows.append(("fine-tuned with", f"{adapted}; the adapters are merged into these weights"))
     if c.data.data:
         rows.append(("training data", f"`{Path(c.data.data).name}`"))
     if best:
