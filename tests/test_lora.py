@@ -2,6 +2,7 @@
 that a checkpoint keeps, resume exactly, and a LoRA run that every command reads (export: transformers' logits).
 """
 
+import importlib.util
 import json
 import shutil
 from dataclasses import replace
@@ -234,6 +235,12 @@ def test_every_command_reads_a_lora_run(lora_run, capsys, tmp_path):
     assert main(["eval", "--model", str(lora_run), "--json"]) == 0
     assert main(["explain", "the cat", "--model", str(lora_run)]) == 0
     capsys.readouterr()
+    if importlib.util.find_spec("gguf") is not None:  # the gguf extra: the file holds the merged weights
+        gguf_file = tmp_path / "m.gguf"
+        assert main(["export", str(lora_run), "--format", "gguf", "--dtype", "f32", "--out", str(gguf_file)]) == 0
+        stored = {t.name: t for t in importlib.import_module("gguf").GGUFReader(gguf_file).tensors}
+        merged = ckpt.load_tensors(lora_run / "model.safetensors")["blocks.1.attn.value.weight"]
+        assert torch.equal(torch.from_numpy(stored["blk.1.attn_v.weight"].data.copy()).view(merged.shape), merged)
     from potion.serve.served import ServedModel
 
     assert ServedModel(str(lora_run)).run.model.num_parameters() == potion.load(lora_run).model.num_parameters()
