@@ -320,8 +320,10 @@ def build_model(config: RunConfig, device: torch.device, dtype: torch.dtype, ini
     same weights from the same seed (and files); then each draws its own dropout."""
     tc = config.train
     torch.manual_seed(tc.seed)  # the initial weights, and dropout's draws from here on
-    model = GPT(config.model)
-    if init_weights is not None:
+    if init_weights is None:
+        model = GPT(config.model)
+    else:  # the weights read become the model's own: no random ones drawn to be overwritten, no second copy
+        model = GPT.without_weights(config.model)
         ckpt.load_model_state(model, init_weights, tc.init_from)
     if tc.lora_rank:  # every weight freezes; the adapters beside the chosen projections are all that trains
         lora.add_adapters(model, tc.lora_targets, tc.lora_rank, tc.lora_alpha, tc.lora_dropout)
