@@ -135,17 +135,21 @@ def test_a_lora_steps_flops_leave_out_the_frozen_weights_gradients():
 # ---------------------------------------------------------------- a LoRA fine-tune
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, corpus):
-    """A random Llama-shaped run directory: the model the fine-tunes start from."""
-    folder = tmp_path_factory.mktemp("base") / "base"
+def random_base(folder: Path, text: str) -> Path:
+    """A random Llama-shaped run directory with a character tokenizer of text's characters."""
     folder.mkdir()
-    tokenizer = CharTokenizer.train([corpus.read_text()])
+    tokenizer = CharTokenizer.train([text])
     config = ModelConfig(vocab_size=tokenizer.vocab_size, **RUN_SHAPE, **LLAMA)
     write_config(folder, RunConfig(model=config, data=DataConfig(tokenizer="char")))
     (folder / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
     ckpt.save_tensors(folder / "model.safetensors", ckpt.model_state(perturbed(GPT(config), seed=3)))
     return folder
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, corpus):
+    """The model the fine-tunes start from."""
+    return random_base(tmp_path_factory.mktemp("base") / "base", corpus.read_text())
 
 
 def lora_config(base: Path, data: Path, **train_fields) -> RunConfig:
@@ -264,6 +268,16 @@ def test_a_moved_base_model_is_one_line_on_resume(base_run, corpus, tmp_path, ca
     assert main(["train", "--resume", "--out", str(run), "--max-steps", "4", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is a LoRA run" in err and str(base) in err and "put it back" in err, err
+
+
+def test_lora_on_conversations_warns_that_the_tokens_added_for_chat_stay_frozen(corpus, tmp_path):
+    base = random_base(tmp_path / "base", corpus.read_text() + "user assistant system")  # no ChatML tokens
+    chats = tmp_path / "chats.jsonl"
+    reply = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on a mat"}]
+    chats.write_text((json.dumps({"messages": reply}) + "\n") * 40)
+    config = lora_config(base, chats, max_steps=0)
+    with pytest.warns(UserWarning, match="the 2 tokens added for chat keep their starting rows"):
+        train(config, out=tmp_path / "run", quiet=True)
 
 
 # ---------------------------------------------------------------- bad settings

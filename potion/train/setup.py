@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -130,7 +131,14 @@ def fine_tune_source(config: RunConfig, run_dir: Path, resume: bool) -> tuple[To
     if config.model.positions == "learned":  # a shorter context keeps the first rows of the position table
         weights["position_embedding.weight"] = weights["position_embedding.weight"][: config.model.context_length]
     if is_chat_data(config.data.data):
-        return chat_vocabulary(source.tokenizer, weights)
+        tokenizer, weights = chat_vocabulary(source.tokenizer, weights)
+        added = tokenizer.vocab_size - source.tokenizer.vocab_size
+        if lora_rank and added:
+            warnings.warn(
+                f"LoRA keeps the token embedding and the output head frozen: the {added} tokens added for chat keep "
+                "their starting rows (the mean of the others); to train them, fine-tune every weight (lora_rank = 0)"
+            )
+        return tokenizer, weights
     return source.tokenizer, weights
 
 
