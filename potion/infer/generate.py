@@ -208,15 +208,15 @@ def generate_tokens(
     prefill_cache = model.new_cache(idx.size(0), context)  # allocated once; refilled when the context is full
     logits, cache = refill(model, history, prefill_cache, decode_as)
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
+    for made in range(1, max_new_tokens + 1):
         token = sample_next(logits, **rules, generator=generator)
         if on_logits is not None:
             on_logits(logits, token)
         yield token
         if eot_id is not None:
             finished |= token == eot_id
-            if bool(finished.all()):
-                return
+        if made == max_new_tokens or bool(finished.all()):
+            return  # no step past the last token: its logits would go unread
         history = torch.cat((history, token[:, None]), dim=1)[:, -context:]  # all a refill can use
         if cache.length >= context:
             logits, cache = refill(model, history[:, -(context // 2) :], prefill_cache, decode_as)
