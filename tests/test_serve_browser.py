@@ -172,3 +172,55 @@ def test_with_an_api_key_the_page_asks_for_it(browser, run_dir):
         page.close()
     finally:
         server.stop()
+
+
+def test_chat_panel(browser, tmp_path):
+    """A model with a chat template gets the chat panel: each message sends the whole conversation (the system
+    message first), the reply streams in as the API gives it, and the conversation can be explained; a model that
+    only continues text (the run above) has no panel."""
+    chat_run = make_run(tmp_path / "chat", chat=True)
+    server = Server(chat_run)
+    try:
+        page = browser.new_page()
+        errors, sent = [], []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else 0)
+        page.goto(server.url + "/")
+        assert page.is_visible("#chat-panel")
+        page.fill("#max-tokens", "20")
+        page.fill("#temperature", "0")
+        page.fill("#chat-system", "Be brief.")
+        conversation = [{"role": "system", "content": "Be brief."}]
+        for message in ("Hello, who are you?", "And then?"):
+            page.fill("#chat-input", message)
+            page.press("#chat-input", "Enter")
+            page.wait_for_function("() => document.getElementById('chat-send').textContent === 'Send'")
+            conversation.append({"role": "user", "content": message})
+            asked = {"model": "chat", "messages": conversation, "max_tokens": 20, "temperature": 0}
+            assert sent[-1] == {**asked, "stream": True}
+            reply = server.request("POST", "/v1/chat/completions", asked)[1]["choices"][0]["message"]["content"]
+            assert page.locator(".turn.assistant .content").last.inner_text() == reply
+            conversation.append({"role": "assistant", "content": reply})
+        assert page.locator(".turn.user").count() == 2 and page.input_value("#chat-input") == ""
+
+        page.click("#chat-explain")  # the conversation as the template renders it becomes the explained prompt
+        tokens = server.request("POST", "/tokenize", {"messages": conversation, "add_generation_prompt": False})[1]
+        rendered = server.request("POST", "/detokenize", {"tokens": tokens["tokens"]})[1]["prompt"]
+        page.wait_for_function("(text) => document.body.dataset.prompt === text", arg=rendered)
+        assert rendered.count("<|im_start|>") == 5
+
+        page.click("#chat-reset")
+        assert page.locator(".turn").count() == 0 and page.is_hidden("#chat-explain")
+        assert errors == []
+        page.close()
+    finally:
+        server.stop()
+    assert "Traceback" not in "".join(server.stderr)
+
+
+def test_a_text_model_has_no_chat_panel(browser, server):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-prompt]")
+    assert page.is_hidden("#chat-panel")
+    page.close()

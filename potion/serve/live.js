@@ -91,6 +91,85 @@ async function generate() {
   }
 }
 
+// The chat panel: the conversation is kept here and sent whole with each message, as any OpenAI client does.
+let conversation = [], replying = null;
+function chatStatus(text, isError = false) {
+  $("chat-status").textContent = text;
+  $("chat-status").classList.toggle("error", isError);
+}
+function turnNode(role, text) {
+  const node = el("div", { class: `turn ${role}` }, el("span", { class: "role" }, role), el("span", { class: "content" }, text));
+  $("chat-log").append(node);
+  return node.querySelector(".content");
+}
+function chatMessages() {
+  const system = $("chat-system").value.trim();
+  return system ? [{ role: "system", content: system }, ...conversation] : conversation;
+}
+
+async function sendMessage() {
+  if (replying) { replying.abort(); return; }  // the button reads Stop while a reply streams
+  const content = $("chat-input").value.trim();
+  if (!content) return;
+  const mine = replying = new AbortController();
+  const userNode = turnNode("user", content).parentNode, reply = turnNode("assistant", "");
+  conversation.push({ role: "user", content });
+  $("chat-input").value = "";
+  $("chat-send").textContent = "Stop";
+  const body = { model: LIVE.model, messages: chatMessages(), max_tokens: Number($("max-tokens").value), temperature: Number($("temperature").value), stream: true };
+  let finish = null;
+  try {
+    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal: mine.signal });
+    if (!r.ok) throw new Error(await failure(r));
+    chatStatus("replying…");
+    for await (const data of sseData(r.body)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      for (const c of chunk.choices) { reply.append(c.delta.content || ""); finish = c.finish_reason || finish; }
+    }
+    chatStatus(finish === "length" ? "the reply stopped at max tokens" : "");
+  } catch (e) {
+    if (e.name === "AbortError") { chatStatus("stopped"); finish = "stopped"; }
+    else chatStatus(e.message, true);
+  } finally {
+    replying = null;
+    $("chat-send").textContent = "Send";
+    if (finish === null) {  // no reply: the message goes back to the box, the conversation is as it was
+      conversation.pop();
+      userNode.remove();
+      reply.parentNode.remove();
+      $("chat-input").value = content;
+    } else {
+      conversation.push({ role: "assistant", content: reply.textContent });  // a stopped reply is kept as far as it got
+    }
+    $("chat-explain").hidden = !conversation.length;
+  }
+}
+
+async function explainConversation() {  // the conversation as the template renders it, in the prompt box above
+  try {
+    const tokenized = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: chatMessages(), add_generation_prompt: false }) });
+    if (!tokenized.ok) throw new Error(await failure(tokenized));
+    const { tokens } = await tokenized.json();
+    const text = await fetch("/detokenize", { method: "POST", headers: headers(), body: JSON.stringify({ tokens }) });
+    if (!text.ok) throw new Error(await failure(text));
+    $("prompt").value = (await text.json()).prompt;
+    $("prompt").scrollIntoView();
+    explainPrompt();
+  } catch (e) {
+    chatStatus(e.message, true);
+  }
+}
+
+function resetChat() {
+  if (replying) replying.abort();
+  conversation = [];
+  $("chat-log").replaceChildren();
+  $("chat-explain").hidden = true;
+  chatStatus("");
+}
+
 const SVG = "http://www.w3.org/2000/svg";
 function svg(tag, attrs = {}, text = null) {
   const node = document.createElementNS(SVG, tag);
@@ -155,3 +234,10 @@ $("max-tokens").max = LIVE.max_tokens;
 $("prompt").value = LIVE.prompt;
 explainPrompt();
 if (LIVE.has_run) pollTraining();
+$("chat-panel").hidden = !LIVE.chat;
+$("chat-send").addEventListener("click", sendMessage);
+$("chat-reset").addEventListener("click", resetChat);
+$("chat-explain").addEventListener("click", explainConversation);
+$("chat-input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); sendMessage(); }
+});

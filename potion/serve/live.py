@@ -1,7 +1,8 @@
 """The live page at / and the JSON it reads.
 
 The page is the explain page (potion/explain/page.html, drawn by the same script) with a prompt box, a Generate
-button and, for a run directory, its loss curve. As the reader types it asks POST /api/explain for the same
+button, a chat panel for a model with a chat template (through /v1/chat/completions) and, for a run directory, its
+loss curve. As the reader types it asks POST /api/explain for the same
 Explanation `potion explain` computes and redraws; Generate streams from /v1/completions; GET /api/training gives
 the losses of log.jsonl, the probes and whether a training still holds the run, polled while the page is open.
 """
@@ -18,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from potion.data.chat import template_for
 from potion.errors import PotionError
 from potion.explain import explain, load_json
 from potion.explain.html import MAX_PROBES, probe_summary, render_page, thin
@@ -128,9 +130,17 @@ class LiveRoutes:
             "prompt": starter_prompt(self.served),
             "has_run": self.training.run_dir is not None,
             "max_tokens": MAX_TOKENS,
+            "chat": self.has_chat_template(),
         }
         data = {"explanation": None, "probes": [], "live": live}
         return render_page(data, f"potion serve: {self.served.id}", controls, script)
+
+    def has_chat_template(self) -> bool:
+        try:
+            template_for(self.served.tokenizer)
+        except PotionError:  # a model that continues text only: no chat panel
+            return False
+        return True
 
     async def page(self, request: Request) -> Response:
         headers = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-store"}
